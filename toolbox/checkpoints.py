@@ -1,0 +1,107 @@
+"""Model resolution shared by every command: registry name, hub id or local directory -> files.
+
+Hub checkpoints live in huggingface_hub's standard cache, so `HF_HOME`,
+`HF_HUB_CACHE` and `HF_HUB_OFFLINE` behave as in every other Hugging Face tool.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from toolbox.errors import ToolboxError
+from toolbox.registry import ModelSpec, Registry
+
+DEFAULT_MODEL = "embedded"
+TOKENIZER_FILE = "spiece.model"
+METADATA_PATTERNS = ["*.json", TOKENIZER_FILE]
+WEIGHT_PATTERNS = (["*.safetensors"], ["pytorch_model*.bin"])
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a `--model` value names: a registry entry and/or a hub repository or local directory."""
+
+    name: str
+    spec: ModelSpec | None
+    repo_id: str | None
+    local_dir: Path | None
+    revision: str | None = None
+
+
+@cache
+def registry() -> Registry:
+    """The registry with the built-in entries and those added by plugins."""
+    from toolbox.plugins import hook_results
+
+    reg = Registry()
+    for specs in hook_results("register_models"):
+        for spec in specs:
+            reg.register(spec)
+    return reg
+
+
+def parse_model(name: str | None, revision: str | None = None) -> ModelRef:
+    """Interpret a `--model` value without touching the network."""
+    name = name or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelRef(name, None, None, path, revision)
+    spec = registry().get(name)
+    if spec is not None:
+        if spec.path is not None:
+            return ModelRef(spec.id, spec, None, spec.path, revision)
+        return ModelRef(spec.id, spec, spec.id, None, revision)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return ModelRef(name, None, name, None, revision)
+    raise ToolboxError(
+        f"unknown model {name!r}: not a registry id or alias, hub id (owner/name) or directory; "
+        "see `toolbox models list`"
+    )
+
+
+def tokenizer_file(ref: ModelRef) -> Path:
+    """Path of the model's spiece.model, from the directory or the hub cache."""
+    if ref.local_dir is not None:
+        path = ref.local_dir / TOKENIZER_FILE
+        if not path.is_file():
+            raise ToolboxError(f"{ref.local_dir} has no {TOKENIZER_FILE} (a Hugging Face layout directory is expected)")
+        return path
+    return Path(_hub_snapshot(ref, METADATA_PATTERNS)) / TOKENIZER_FILE
+
+
+def checkpoint_dir(ref: ModelRef) -> Path:
+    """A local directory holding config.json, weights and spiece.model."""
+    if ref.local_dir is not None:
+        if not (ref.local_dir / "config.json").is_file():
+            raise ToolboxError(f"{ref.local_dir} has no config.json (a Hugging Face layout directory is expected)")
+        return ref.local_dir
+    return Path(download(ref))
+
+
+def download(ref: ModelRef) -> str:
+    """Fetch (or find in the cache) metadata, tokenizer and one set of weights; returns the snapshot dir."""
+    for weights in WEIGHT_PATTERNS:
+        snapshot = _hub_snapshot(ref, METADATA_PATTERNS + weights)
+        if any(Path(snapshot).glob(weights[0])):
+            return snapshot
+    raise ToolboxError(f"hub repository {ref.repo_id!r} has no safetensors or pytorch_model*.bin weights")
+
+
+def _hub_snapshot(ref: ModelRef, patterns: list[str]) -> str:
+    import huggingface_hub
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=patterns)
+    except RepositoryNotFoundError:
+        raise ToolboxError(f"hub repository {ref.repo_id!r} not found (or it is gated/private)") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
+        offline = huggingface_hub.constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable ({type(exc).__name__})"
+        raise ToolboxError(
+            f"model {ref.repo_id!r} is not in the local cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
+            f"and {why}: run `toolbox download {ref.name}` where the hub is reachable, "
+            "or pass --model with a local checkpoint directory"
+        ) from None

@@ -1,0 +1,49 @@
+"""Options and helpers shared by several commands."""
+
+from __future__ import annotations
+
+import click
+
+from toolbox.checkpoints import parse_model, tokenizer_file
+
+model_option = click.option(
+    "-m",
+    "--model",
+    envvar="TOOLBOX_MODEL",
+    default=None,
+    metavar="NAME|DIR",
+    help="Registry id or alias, hub id, or checkpoint directory [env TOOLBOX_MODEL; default: embedded].",
+)
+revision_option = click.option("--revision", default=None, help="Hub revision (branch, tag or commit).")
+errors_option = click.option(
+    "--errors",
+    type=click.Choice(["strict", "replace"]),
+    default="strict",
+    show_default=True,
+    help="Invalid UTF-8 input: stop with an error, or replace with U+FFFD.",
+)
+nl_option = click.option(
+    "--nl",
+    is_flag=True,
+    help="Instruction models' newline convention: newline in the text <-> <NL> token.",
+)
+
+
+def model_options(func):
+    """Attach --model and --revision."""
+    return model_option(revision_option(func))
+
+
+def load_tokenizer(model: str | None, revision: str | None):
+    """The sentencepiece tokenizer of the model named by --model."""
+    from toolbox.tokenizer import Tokenizer
+
+    return Tokenizer(tokenizer_file(parse_model(model, revision)))
+
+
+def stdin_bytes():
+    return click.get_binary_stream("stdin")
+
+
+def stdout_bytes():
+    return click.get_binary_stream("stdout")

@@ -1,0 +1,43 @@
+"""The plugin manager: built-in hook implementations plus the `toolbox` entry-point group.
+
+`TOOLBOX_PLUGINS` (comma-separated entry-point names) restricts which installed
+plugins load; an empty value loads none. Core hook implementations always load.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from importlib.metadata import entry_points
+
+import pluggy
+
+from toolbox import hookspecs
+
+CORE_PLUGINS = ("toolbox.builtin_models",)
+
+
+@cache
+def manager() -> pluggy.PluginManager:
+    """The process-wide plugin manager, loaded on first use."""
+    import importlib
+
+    pm = pluggy.PluginManager("toolbox")
+    pm.add_hookspecs(hookspecs)
+    for name in CORE_PLUGINS:
+        pm.register(importlib.import_module(name), name)
+    allowed = os.environ.get("TOOLBOX_PLUGINS")
+    allow = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
+    for ep in entry_points(group="toolbox"):
+        if (allow is None or ep.name in allow) and pm.get_plugin(ep.name) is None:
+            pm.register(ep.load(), ep.name)
+    return pm
+
+
+def hook_results(hook_name: str, **kwargs) -> list:
+    """Results of calling `hook_name` on every plugin, in registration order."""
+    return list(reversed(getattr(manager().hook, hook_name)(**kwargs)))
+
+
+def plugin_names() -> list[str]:
+    return [name for name, _ in manager().list_name_plugin()]
