@@ -123,7 +123,7 @@ def builtin_models() -> list[ModelSpec]:
         ModelSpec(
             id="rinna/japanese-gpt-neox-3.6b",
             aliases=("3.6b",),
-            role="pretrained LM",
+            role="pretrained",
             description="Pretrained on ~312.5B tokens of Japanese CC-100, C4 and Wikipedia.",
             architecture=SERIES_ARCHITECTURE,
             prompt_format="plain",
@@ -132,7 +132,7 @@ def builtin_models() -> list[ModelSpec]:
         ModelSpec(
             id="rinna/japanese-gpt-neox-3.6b-instruction-sft",
             aliases=("sft",),
-            role="instruction-tuned (SFT)",
+            role="instruction SFT",
             description="Instruction-following conversation model, supervised fine-tuning.",
             architecture=SERIES_ARCHITECTURE,
             prompt_format="rinna-chat",
@@ -141,7 +141,7 @@ def builtin_models() -> list[ModelSpec]:
         ModelSpec(
             id="rinna/japanese-gpt-neox-3.6b-instruction-sft-v2",
             aliases=("sft-v2",),
-            role="instruction-tuned (SFT, v2)",
+            role="instruction SFT v2",
             description="Second SFT release of the conversation model.",
             architecture=SERIES_ARCHITECTURE,
             prompt_format="rinna-chat",
@@ -150,7 +150,7 @@ def builtin_models() -> list[ModelSpec]:
         ModelSpec(
             id="rinna/japanese-gpt-neox-3.6b-instruction-ppo",
             aliases=("ppo",),
-            role="SFT-v2 + PPO (RLHF)",
+            role="SFT v2 + PPO",
             description="SFT-v2 further trained with PPO; repeats more than SFT.",
             architecture=SERIES_ARCHITECTURE,
             prompt_format="rinna-chat",
@@ -161,7 +161,7 @@ def builtin_models() -> list[ModelSpec]:
     embedded = ModelSpec(
         id="embedded",
         aliases=("neko",),
-        role="embedded toy model (offline default)",
+        role="embedded toy",
         description="A small GPT-NeoX trained on Soseki's 吾輩は猫である; ships with the package.",
         architecture=Architecture.from_config(EMBEDDED_DIR / "config.json"),
         prompt_format="plain",

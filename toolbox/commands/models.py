@@ -26,12 +26,11 @@ def list_models(as_json):
         click.echo(json.dumps([s.to_dict() for s in specs], ensure_ascii=False, indent=2))
         return
     from rich.console import Console
-    from rich import box
     from rich.table import Column, Table
 
-    table = Table(Column("id", no_wrap=True), "aliases", "role", "prompt", box=box.SIMPLE)
+    table = Table("aliases", Column("id", no_wrap=True), "role", box=None, padding=(0, 2, 0, 0))
     for s in specs:
-        table.add_row(s.id, ", ".join(s.aliases), s.role, s.prompt_format)
+        table.add_row(", ".join(s.aliases), s.id, s.role)
     Console().print(table)
 
 
