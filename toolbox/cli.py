@@ -19,6 +19,9 @@ COMMANDS = {
     "inspect-bytes": "toolbox.commands.inspect_bytes:inspect_bytes",
     "models": "toolbox.commands.models:models",
     "download": "toolbox.commands.models:download",
+    "backends": "toolbox.commands.backends:backends",
+    "generate": "toolbox.commands.generate:generate",
+    "chat": "toolbox.commands.chat:chat",
 }
 
 

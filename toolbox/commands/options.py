@@ -47,3 +47,29 @@ def stdin_bytes():
 
 def stdout_bytes():
     return click.get_binary_stream("stdout")
+
+
+def backend_options(func):
+    """Attach --backend, --device, --dtype and --threads."""
+    for option in reversed(
+        [
+            click.option(
+                "-b", "--backend", default="auto", show_default=True, envvar="TOOLBOX_BACKEND",
+                help="Backend name (see `toolbox backends`); auto = cuda if present, else cpu.",
+            ),
+            click.option("--device", default=None, help="Device, e.g. cpu, cuda, cuda:1 (default: the backend's)."),
+            click.option(
+                "--dtype", default=None,
+                help="float32/bfloat16 (cpu), float16/bfloat16 (cuda), int8/int4 (quant).",
+            ),
+            click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads."),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def load_options(device, dtype, threads):
+    from toolbox.backend import LoadOptions
+
+    return LoadOptions(device=device, dtype=dtype, threads=threads)

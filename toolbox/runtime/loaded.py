@@ -1,0 +1,129 @@
+"""`RuntimeModel`: the shared GPT-NeoX runtime behind the LoadedModel interface.
+
+The built-in backends differ only in how they prepare the module (device, dtype,
+quantization); generation and scoring go through this one class.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from toolbox.backend import GenerationParams, LoadedModel, TokenEvent
+from toolbox.errors import ToolboxError
+from toolbox.runtime.generation import Generation, score
+from toolbox.runtime.model import GPTNeoX
+from toolbox.runtime.sampling import SamplingParams
+from toolbox.tokenizer import Tokenizer
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def torch_dtype(name: str, allowed: tuple[str, ...]) -> torch.dtype:
+    """The torch dtype for a --dtype value, restricted to what a backend supports."""
+    dtype = DTYPES.get(name)
+    if dtype is None or not any(DTYPES.get(a) is dtype for a in allowed):
+        raise ToolboxError(f"dtype {name!r} is not supported here; choose one of: {', '.join(allowed)}")
+    return dtype
+
+
+def load_module(checkpoint: Path, device: str, dtype: torch.dtype) -> GPTNeoX:
+    """Load the checkpoint's weights into the runtime module, with a one-line error on bad files."""
+    try:
+        return GPTNeoX.from_pretrained(checkpoint, device=device, dtype=dtype)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ToolboxError(f"cannot load {checkpoint}: {exc}") from None
+
+
+class _Stream:
+    """Adapts the runtime's `Generation` to the `TokenStream` protocol."""
+
+    def __init__(self, generation: Generation):
+        self._generation = generation
+
+    def __iter__(self):
+        for step in self._generation:
+            yield [TokenEvent(t.seq, t.token_id, t.logprob, t.finish_reason) for t in step.tokens]
+
+    def cancel(self, seq: int) -> None:
+        self._generation.cancel(seq)
+
+
+class RuntimeModel(LoadedModel):
+    """A `GPTNeoX` module plus its tokenizer."""
+
+    def __init__(self, module: GPTNeoX, tokenizer: Tokenizer, info: dict, decode_fn=None):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.context_length = module.config.max_position_embeddings
+        self.info = info
+        self._decode_fn = decode_fn
+        eos = set(module.config.eos_token_ids)
+        if "eos" in tokenizer.special_ids:
+            eos.add(tokenizer.special_ids["eos"])
+        self.eos_token_ids = tuple(sorted(eos))
+
+    def generate_tokens(self, prompts, params: GenerationParams):
+        try:
+            sampling = SamplingParams(
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                repetition_penalty=params.repetition_penalty,
+                seed=params.seed,
+            )
+            generation = Generation(
+                self.module,
+                prompts,
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.min_new_tokens,
+                sampling=sampling,
+                eos_token_ids=self.eos_token_ids,
+                n=params.n,
+                decode_fn=self._decode_fn,
+            )
+        except ValueError as exc:
+            raise ToolboxError(str(exc)) from None
+        return _Stream(generation)
+
+    def score(self, sequences):
+        try:
+            return [lp.tolist() for lp in score(self.module, sequences)]
+        except ValueError as exc:
+            raise ToolboxError(str(exc)) from None
+
+    def describe(self) -> dict:
+        params = sum(p.numel() for p in self.module.parameters())
+        return {**self.info, "parameters": params, "weight_bytes": module_bytes(self.module)}
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's state (packed quantized weights included; tied weights once)."""
+    seen: set[int] = set()
+
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            if value.is_quantized or value.layout != torch.strided:
+                return value.numel() * value.element_size()
+            key = value.untyped_storage().data_ptr()
+            if key in seen:
+                return 0
+            seen.add(key)
+            return value.untyped_storage().nbytes()
+        if isinstance(value, (tuple, list)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return sum(size(v) for v in module.state_dict().values())
+
+
+def checkpoint_tokenizer(checkpoint: Path) -> Tokenizer:
+    return Tokenizer(checkpoint / "spiece.model")
