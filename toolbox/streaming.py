@@ -29,6 +29,8 @@ class TextAssembler:
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text that became final. Sets `stopped` on a stop string."""
+        if self.stopped:
+            return ""
         self._pending += self._decoder.decode(self._bytes[token_id])
         return self._release(final=False)
 

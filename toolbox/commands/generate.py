@@ -67,18 +67,30 @@ def build_params(loaded, n=1, **opts) -> GenerationParams:
     )
 
 
+prompt_format_option = click.option(
+    "--prompt-format",
+    type=click.Choice(["auto", "plain", "rinna-chat"]),
+    default="auto",
+    show_default=True,
+    help="auto: the registry's format for the model (plain for local directories).",
+)
+
+
 @dataclass
 class Prompter:
     """Turns user text into prompt ids for one loaded model (template, <NL>, context check)."""
 
     loaded: object
     params: GenerationParams
-    raw: bool = False
+    prompt_format: str = "auto"
     truncate: str = "none"
 
     @property
     def nl(self) -> bool:
-        return self.loaded.chat_template and not self.raw
+        """Whether the instruction template (and so the <NL> convention) applies."""
+        if self.prompt_format == "auto":
+            return self.loaded.chat_template
+        return self.prompt_format == "rinna-chat"
 
     def ids(self, text: str, where: str) -> list[int]:
         if not text:
@@ -108,19 +120,19 @@ class Prompter:
 @click.option("-n", "n", type=click.IntRange(1, 64), default=1, show_default=True, help="Samples per prompt.")
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
               help="A prompt too long for the context: error, or drop its oldest tokens.")
-@click.option("--raw", is_flag=True, help="Send the prompt as is, without the instruction template.")
+@prompt_format_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sequence: text, ids, logprobs, timings.")
 @errors_option
 @backend_options
 @model_options
-def generate(prompt, whole, input_path, output_path, field, batch_size, n, truncate, raw, as_json, errors,
+def generate(prompt, whole, input_path, output_path, field, batch_size, n, truncate, prompt_format, as_json, errors,
              backend, device, dtype, threads, model, revision, **sampling):
     """Generate a continuation of PROMPT, or of each line of stdin, streaming the text.
 
     Defaults (max new tokens, temperature, repetition penalty) come from the model's
     registry entry. For the instruction variants the prompt is wrapped in their
     template (`ユーザー: ...<NL>システム: `) and `<NL>` in the answer becomes a newline;
-    --raw turns that off.
+    --prompt-format overrides the registry (e.g. for a local copy of an instruction model).
 
     With --input/--output, prompts are read from a JSONL file (field --field) and run
     in batches; rerunning skips records already in the output.
@@ -137,7 +149,7 @@ def generate(prompt, whole, input_path, output_path, field, batch_size, n, trunc
 
     loaded = load(model, revision, backend, load_options(device, dtype, threads))
     params = build_params(loaded, n=n, **sampling)
-    prompter = Prompter(loaded, params, raw, truncate)
+    prompter = Prompter(loaded, params, prompt_format, truncate)
     try:
         if input_path:
             from toolbox.commands.batch import run_batch

@@ -133,7 +133,16 @@ def _compare_hf(tok, text) -> dict:
         from transformers import AutoTokenizer
     except ImportError:
         raise ToolboxError("--compare-hf needs transformers: pip install transformers") from None
-    hf = AutoTokenizer.from_pretrained(str(tok.path.parent), use_fast=False)
+    try:
+        hf = AutoTokenizer.from_pretrained(str(tok.path.parent), use_fast=False)
+    except (OSError, ValueError):
+        # No tokenizer_config.json: use the class the series' checkpoints declare.
+        from transformers import T5Tokenizer
+
+        try:
+            hf = T5Tokenizer.from_pretrained(str(tok.path.parent))
+        except (OSError, ValueError) as exc:
+            raise ToolboxError(f"--compare-hf: transformers cannot load {tok.path.parent}: {exc}") from None
     theirs = hf.encode(text, add_special_tokens=False)
     ours = tok.encode(text)
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from toolbox.checkpoints import parse_model, tokenizer_file
@@ -42,11 +44,11 @@ def load_tokenizer(model: str | None, revision: str | None):
 
 
 def stdin_bytes():
-    return click.get_binary_stream("stdin")
+    return sys.stdin.buffer
 
 
 def stdout_bytes():
-    return click.get_binary_stream("stdout")
+    return sys.stdout.buffer
 
 
 def backend_options(func):

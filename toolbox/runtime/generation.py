@@ -1,0 +1,210 @@
+"""Token-level generation and scoring loops on top of :class:`~.model.GPTNeoX`.
+
+``generate`` returns a :class:`Generation`: iterate it to get one :class:`Step` per
+new token position. Sequences are the rows of the expanded batch, numbered
+``prompt_index * n + sample_index``. To stop a sequence early (say, the text layer
+found a stop string) call ``generation.cancel(seq)`` between steps: it emits nothing
+more and the loop ends once every sequence has finished or been cancelled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .model import GPTNeoX
+from .sampling import SamplingParams, sample
+
+
+@dataclass(frozen=True)
+class Token:
+    """One new token of one sequence."""
+
+    seq: int  # row of the expanded batch: prompt_index * n + sample_index
+    token_id: int
+    logprob: float  # log-softmax of the raw model logits at this token
+    finish_reason: str | None  # 'stop' (an EOS id, included here), 'length', or None
+
+
+@dataclass(frozen=True)
+class Step:
+    """The tokens produced at one position, for every sequence still running."""
+
+    index: int  # 0 for the first new token
+    tokens: list[Token]
+
+
+#: ``decode_fn(input_ids [B,1], input_pos [B,1], cache_pos [1], key_mask [B,S], kv_len) -> logits [B,1,V]``.
+#: A backend may substitute e.g. a CUDA-graph replay (which may ignore ``kv_len``).
+DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
+
+
+class Generation:
+    """A running batched generation; iterate for :class:`Step` objects (once)."""
+
+    def __init__(
+        self,
+        model: GPTNeoX,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        sampling: SamplingParams = SamplingParams(),
+        eos_token_ids: Sequence[int] = (),
+        n: int = 1,
+        decode_fn: DecodeFn | None = None,
+    ):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1 or n < 1 or min_new_tokens < 0:
+            raise ValueError("max_new_tokens and n must be >= 1, min_new_tokens >= 0")
+        longest, ctx = max(len(p) for p in prompts), model.config.max_position_embeddings
+        if longest + max_new_tokens > ctx:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's context of {ctx}"
+            )
+        vocab = model.config.vocab_size
+        bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {vocab}")
+        self.model, self.n = model, n
+        self.rows = [list(p) for p in prompts for _ in range(n)]
+        self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
+        self.sampling, self.eos = sampling, set(eos_token_ids)
+        self.decode_fn = decode_fn or (lambda ids, pos, slot, mask, kv_len: model(ids, pos, slot, mask, kv_len=kv_len))
+        self._cancelled: set[int] = set()
+        self._started = False
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.rows)
+
+    def prompt_index(self, seq: int) -> int:
+        return seq // self.n
+
+    def cancel(self, seq: int) -> None:
+        """Stop sequence ``seq``: it produces no further tokens."""
+        self._cancelled.add(seq)
+
+    def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("a Generation can be iterated only once")
+        self._started = True
+        return self._steps()
+
+    def _steps(self) -> Iterator[Step]:
+        m, dev, rows = self.model, self.model.device, self.rows
+        B, L = len(rows), max(len(r) for r in rows)
+        params = self.sampling
+        with torch.inference_mode():
+            m.setup_cache(B, L + self.max_new_tokens)
+            S = m.cache_shape[1]
+            pad = torch.tensor([L - len(r) for r in rows], device=dev)
+            ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=dev)
+            key_mask = torch.arange(S, device=dev)[None, :] >= pad[:, None]  # constant for the whole run
+            input_pos = (torch.arange(L, device=dev)[None, :] - pad[:, None]).clamp_min(0)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros(B, m.config.vocab_size, dtype=torch.bool, device=dev)
+                r_idx = [i for i, r in enumerate(rows) for _ in r]
+                seen[r_idx, [t for r in rows for t in r]] = True
+            banned = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev) if self.eos else None
+            gen = torch.Generator(device=dev)
+            if params.seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(params.seed)
+            logits = m(ids, input_pos, torch.arange(L, device=dev), key_mask, kv_len=L, last_only=True)[:, -1]
+            pos = torch.tensor([len(r) for r in rows], device=dev)[:, None]
+
+        running = [True] * B
+        for step in range(self.max_new_tokens):
+            with torch.inference_mode():
+                tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None)
+                host_tok, host_lp = torch.stack([tok.double(), lp.double()]).tolist()
+            last = step == self.max_new_tokens - 1
+            out = []
+            for i in range(B):
+                if not running[i] or i in self._cancelled:
+                    running[i] = False
+                    continue
+                t = int(host_tok[i])
+                reason = "stop" if t in self.eos else "length" if last else None
+                running[i] = reason is None
+                out.append(Token(i, t, host_lp[i], reason))
+            if not out:
+                return
+            yield Step(step, out)
+            running = [r and i not in self._cancelled for i, r in enumerate(running)]
+            if not any(running):
+                return
+            with torch.inference_mode():
+                if seen is not None:
+                    seen.scatter_(1, tok[:, None], True)
+                slot = L + step
+                cache_pos = torch.tensor([slot], device=dev)
+                logits = self.decode_fn(tok[:, None], pos, cache_pos, key_mask, slot + 1)[:, -1]
+                pos = pos + 1
+
+
+def generate(
+    model: GPTNeoX,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    sampling: SamplingParams = SamplingParams(),
+    eos_token_ids: Sequence[int] = (),
+    n: int = 1,
+    decode_fn: DecodeFn | None = None,
+) -> Generation:
+    """Generate from a batch of token-id prompts; iterate the result for :class:`Step` s.
+
+    All prompts are prefilled in one left-padded forward, then one decode step runs per
+    new token over a static cache of ``max prompt length + max_new_tokens`` slots.
+    ``n`` samples per prompt expand the batch. EOS ids are banned until
+    ``min_new_tokens`` tokens exist; a sequence ends with 'stop' on an EOS id (the EOS
+    token is reported) or 'length' after ``max_new_tokens``. Errors (context overflow,
+    empty prompt) are raised here, before any work.
+    """
+    return Generation(
+        model, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        sampling=sampling, eos_token_ids=eos_token_ids, n=n, decode_fn=decode_fn,
+    )
+
+
+def score(model: GPTNeoX, token_ids: Sequence[Sequence[int]], max_batch_tokens: int = 4096) -> list[Tensor]:
+    """Per-token log-probabilities of whole sequences.
+
+    Returns, for each sequence, a CPU fp32 tensor of length ``len - 1`` whose entry
+    ``t - 1`` is ``log p(token[t] | token[:t])``. Sequences are right-padded and batched
+    so that a batch holds at most ``max_batch_tokens`` padded positions (a longer single
+    sequence goes alone); this bounds the fp32 logits held at once.
+    """
+    ctx = model.config.max_position_embeddings
+    seqs = [list(s) for s in token_ids]
+    for s in seqs:
+        if len(s) > ctx:
+            raise ValueError(f"sequence of {len(s)} tokens exceeds the model's context of {ctx}")
+    batches, cur = [], []
+    for s in seqs:
+        if cur and (len(cur) + 1) * max(len(s), *map(len, cur)) > max_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(s)
+    if cur:
+        batches.append(cur)
+    out: list[Tensor] = []
+    dev = model.device
+    with torch.inference_mode():
+        for chunk in batches:
+            T = max(max(map(len, chunk)), 1)
+            ids = torch.tensor([s + [0] * (T - len(s)) for s in chunk], device=dev)
+            mask = torch.tensor([[True] * len(s) + [False] * (T - len(s)) for s in chunk], device=dev)
+            logits = model.forward_full(ids, mask)[:, :-1]
+            lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
+            out.extend(lp[i, : max(len(s) - 1, 0)].clone() for i, s in enumerate(chunk))
+    return out

@@ -1,0 +1,242 @@
+"""GPT-NeoX in plain PyTorch with a static, preallocated KV cache.
+
+One code path for the layer math serves prefill, decode and scoring. The forward
+pass uses fixed shapes and no host synchronisation, so a backend can capture the
+decode step as a CUDA graph (keep ``kv_len=None`` there).
+
+Cache layout: one key and one value tensor per layer, ``[B, heads, S, head_dim]``.
+Rows of a batch share cache *slots* (``cache_pos``) but have their own *positions*
+(``input_pos``, used for rotary embedding): a ragged batch is left-padded, and
+``key_mask`` hides each row's pad slots, so a row's output does not depend on its
+padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import NeoXConfig
+from .weights import load_state_dict
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,  # exact (erf) GELU, as HF's "gelu"
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def rotary_tables(cfg: NeoXConfig, device=None) -> tuple[Tensor, Tensor]:
+    """fp32 cos/sin tables ``[max_positions, rotary_dim]`` (frequencies repeated twice)."""
+    dim = cfg.rotary_dim
+    inv_freq = 1.0 / (cfg.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    angles = torch.arange(cfg.max_position_embeddings, dtype=torch.float32, device=device)[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first ``cos.shape[-1]`` dims of ``x [B,H,T,D]`` (GPT-NeoX half-split pairing)."""
+    rd = cos.shape[-1]
+    rot, rest = x[..., :rd], x[..., rd:]
+    first, second = rot.chunk(2, dim=-1)
+    rotated = torch.cat([-second, first], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer, ``[B, heads, S, head_dim]``."""
+
+    def __init__(self, batch_size, num_heads, max_seq_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, num_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v [B,H,T,D]`` into slots ``cache_pos [T]``; return the whole cache."""
+        self.k.index_copy_(2, cache_pos, k)
+        self.v.index_copy_(2, cache_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: NeoXConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, use_cache):
+        B, T, C = x.shape
+        # The fused projection is laid out per head as [q | k | v].
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split(self.head_dim, dim=-1)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if use_cache:
+            k, v = self.kv_cache.update(cache_pos, k, v)
+            if kv_len is not None:
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.dense(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: NeoXConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.act = _ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: NeoXConfig):
+        super().__init__()
+        self.parallel = cfg.use_parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, use_cache):
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache_pos, kv_len, use_cache)
+        if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
+            return x + a + self.mlp(self.post_attention_layernorm(x))
+        h = x + a  # sequential: h = x + attn(ln1(x)); h + mlp(ln2(h))
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class GPTNeoX(nn.Module):
+    """GPT-NeoX causal LM. Parameter names follow the HF checkpoint minus ``gpt_neox.``."""
+
+    def __init__(self, config: NeoXConfig):
+        super().__init__()
+        self.config = config
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.embed_out.weight = self.embed_in.weight
+        self._init_rotary(None)
+        self.cache_shape: tuple[int, int] | None = None  # (batch, slots) once setup_cache ran
+
+    def _init_rotary(self, device):
+        cos, sin = rotary_tables(self.config, device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> "GPTNeoX":
+        """Load config.json and the weights of a HF-layout directory onto ``device`` as ``dtype``."""
+        config = NeoXConfig.from_dir(model_dir)
+        device = torch.device(device)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name for name, _ in model.named_parameters()}
+        state = load_state_dict(model_dir, expected, device, dtype, tied=config.tie_word_embeddings)
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.embed_out.weight = model.embed_in.weight
+        model._init_rotary(device)
+        return model.eval().requires_grad_(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_in.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_in.weight.dtype
+
+    def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
+        """Allocate (or reuse) a zeroed-once static KV cache of ``max_seq_len`` slots.
+
+        An existing cache is kept when the batch size matches and it has at least as
+        many slots, so its tensors keep their addresses (for captured graphs).
+        """
+        if max_seq_len > self.config.max_position_embeddings:
+            raise ValueError(f"cache of {max_seq_len} slots exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
+        if self.cache_shape and self.cache_shape[0] == batch_size and self.cache_shape[1] >= max_seq_len:
+            return
+        c = self.config
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, c.num_heads, max_seq_len, c.head_dim, self.dtype, self.device)
+        self.register_buffer("cache_slots", torch.arange(max_seq_len, device=self.device), persistent=False)
+        self.cache_shape = (batch_size, max_seq_len)
+
+    def drop_cache(self) -> None:
+        """Free the KV cache."""
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+        self.cache_shape = None
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        input_pos: Tensor,
+        cache_pos: Tensor,
+        key_mask: Tensor,
+        *,
+        kv_len: int | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
+        """Run ``input_ids [B,T]`` through the model, writing keys/values into the cache.
+
+        ``input_pos [B,T]``: each row's token positions (rotary). ``cache_pos [T]``: the
+        cache slots these tokens go to, in increasing order. ``key_mask [B,S]`` bool: the
+        slots each row may attend to (False for its pad slots); causality is by slot order.
+        ``kv_len``: attend only over the first ``kv_len`` slots (a Python int; faster on
+        CPU, but changes shapes step to step — leave None for CUDA-graph capture).
+        ``last_only``: compute logits for the last position only (prefill).
+        Returns fp32 logits ``[B,T,V]`` (``[B,1,V]`` with ``last_only``).
+        Without a cache (``setup_cache`` not called) tokens attend only to each other:
+        ``S == T`` and ``cache_pos`` must be ``arange(T)``.
+        """
+        return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, self.cache_shape is not None)
+
+    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, use_cache):
+        if use_cache:
+            slots = self.cache_slots if kv_len is None else self.cache_slots[:kv_len]
+            key_mask = key_mask if kv_len is None else key_mask[:, :kv_len]
+        else:
+            slots = torch.arange(input_ids.shape[1], device=input_ids.device)
+        # A query sees earlier-or-same slots that its row allows, and always its own slot,
+        # so pad queries never see an empty row (which would make NaNs).
+        causal = slots[None, :] <= cache_pos[:, None]  # [T,S]
+        own = slots[None, :] == cache_pos[:, None]
+        mask = (causal & (key_mask[:, None, :] | own))[:, None]  # [B,1,T,S]
+        cos = self.rope_cos[input_pos].to(self.dtype)[:, None]  # [B,1,T,rd]
+        sin = self.rope_sin[input_pos].to(self.dtype)[:, None]
+
+        x = self.embed_in(input_ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache_pos, kv_len, use_cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.embed_out(self.final_layer_norm(x)).float()
+
+    def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Cache-free forward over whole sequences (for scoring): fp32 logits ``[B,T,V]``.
+
+        ``attention_mask [B,T]`` (1/True = real token) may pad on either side; positions
+        count real tokens only. The KV cache, if any, is left untouched.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+        attention_mask = attention_mask.bool()
+        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        slots = torch.arange(T, device=input_ids.device)
+        return self._run(input_ids, pos, slots, attention_mask, None, False, use_cache=False)

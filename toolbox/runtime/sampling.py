@@ -1,0 +1,114 @@
+"""Next-token selection that stays on the device (no host sync, graph-friendly).
+
+Filters follow the Hugging Face semantics so results are comparable with
+``transformers.generate``: repetition penalty first, then temperature, top-k, top-p.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token.
+
+    temperature: 0 means greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (0 = off; ties with the k-th are kept).
+    top_p: keep the smallest most-likely set whose probability reaches top_p (1.0 = off).
+    repetition_penalty: >1 discourages tokens already in the prompt or the output
+        (a positive logit is divided by it, a negative one multiplied), 1.0 = off.
+    seed: seeds the sampling generator; None draws a fresh random seed.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def apply_repetition_penalty(logits: Tensor, seen_mask: Tensor, penalty: float) -> Tensor:
+    """Penalise the logits of tokens marked in ``seen_mask [B,V]``."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen_mask, penalised, logits)
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set every logit below the k-th largest of its row to -inf."""
+    k = min(k, logits.shape[-1])
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: drop a token once the tokens ranked above it already hold mass >= p."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the most likely token always stays
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def process_logits(logits: Tensor, params: SamplingParams, seen_mask: Tensor | None = None) -> Tensor:
+    """Apply penalty, temperature, top-k and top-p to fp32 ``logits [B,V]`` (not in place)."""
+    if params.repetition_penalty != 1.0 and seen_mask is not None:
+        logits = apply_repetition_penalty(logits, seen_mask, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
+    if params.top_k > 0:
+        logits = top_k_filter(logits, params.top_k)
+    if params.top_p < 1.0:
+        logits = top_p_filter(logits, params.top_p)
+    return logits
+
+
+def sample(
+    logits: Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None = None,
+    seen_mask: Tensor | None = None,
+    banned: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Pick one token per row from ``logits [B,V]``; returns ``(tokens [B], logprobs [B])``.
+
+    ``seen_mask [B,V]`` marks tokens for the repetition penalty; ``banned [K]`` holds token
+    ids that must not be chosen (e.g. EOS before min_new_tokens). Sampling uses the
+    exponential race (argmax of p / E with E ~ Exp(1)), equivalent to drawing from p.
+
+    The reported logprob is ``log_softmax`` of the *raw* logits (before penalty,
+    temperature and filtering) at the chosen token: the model's own belief.
+    """
+    logits = logits.float()
+    scores = process_logits(logits, params, seen_mask)
+    if banned is not None:
+        scores = scores.index_fill(-1, banned, float("-inf"))
+    if params.greedy:
+        tokens = scores.argmax(dim=-1)
+    else:
+        probs = scores.softmax(dim=-1)
+        race = torch.empty_like(probs).exponential_(generator=generator)
+        tokens = (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+    logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs
