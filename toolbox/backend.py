@@ -144,6 +144,8 @@ AUTO_ORDER = ("cuda", "cpu")
 def pick_backend(name: str = "auto") -> Backend:
     """The backend called `name`; "auto" means cuda when it is available, else cpu."""
     registered = backends()
+    if not registered:
+        raise ToolboxError("no backends are loaded (check TOOLBOX_PLUGINS and the installed plugins)")
     if name == "auto":
         for candidate in AUTO_ORDER:
             backend = registered.get(candidate)

@@ -37,8 +37,11 @@ def registry() -> Registry:
 
     reg = Registry()
     for specs in hook_results("register_models"):
-        for spec in specs:
-            reg.register(spec)
+        for spec in specs or ():
+            try:
+                reg.register(spec)
+            except ValueError as exc:
+                raise ToolboxError(f"model registry: {exc}") from None
     return reg
 
 

@@ -28,10 +28,11 @@ COMMANDS = {
 class LazyGroup(click.Group):
     """A group whose built-in commands are imported on demand; plugin commands are added on first miss."""
 
+    plugin_commands = True  # False: show the built-in commands only (docs/cli.md)
     _plugins_loaded = False
 
     def _load_plugin_commands(self) -> None:
-        if not self._plugins_loaded:
+        if self.plugin_commands and not self._plugins_loaded:
             self._plugins_loaded = True
             from toolbox.plugins import hook_results
 

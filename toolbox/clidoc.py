@@ -23,10 +23,14 @@ def _walk(command: click.Command, path: list[str], parent: click.Context | None)
 
 
 def render() -> str:
-    """The whole reference as Markdown."""
+    """The whole reference as Markdown (built-in commands only, whatever plugins are installed)."""
     parts = ["# CLI reference", "", "Generated from `--help` by `python -m toolbox.clidoc`; do not edit by hand.", ""]
-    for path, text in _walk(cli, ["toolbox"], None):
-        parts += [f"## `{' '.join(path)}`", "", "```text", text.rstrip(), "```", ""]
+    cli.plugin_commands = False
+    try:
+        for path, text in _walk(cli, ["toolbox"], None):
+            parts += [f"## `{' '.join(path)}`", "", "```text", text.rstrip(), "```", ""]
+    finally:
+        cli.plugin_commands = True
     return "\n".join(parts)
 
 

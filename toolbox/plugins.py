@@ -7,6 +7,7 @@ plugins load; an empty value loads none. Core hook implementations always load.
 from __future__ import annotations
 
 import os
+import sys
 from functools import cache
 from importlib.metadata import entry_points
 
@@ -30,7 +31,10 @@ def manager() -> pluggy.PluginManager:
     allow = None if allowed is None else {n.strip() for n in allowed.split(",") if n.strip()}
     for ep in entry_points(group="toolbox"):
         if (allow is None or ep.name in allow) and pm.get_plugin(ep.name) is None:
-            pm.register(ep.load(), ep.name)
+            try:
+                pm.register(ep.load(), ep.name)
+            except Exception as exc:  # a broken plugin must not take the whole CLI down
+                print(f"toolbox: plugin {ep.name!r} failed to load and is skipped: {exc}", file=sys.stderr)
     return pm
 
 
