@@ -6,7 +6,8 @@ does the heavy work and returns a `LoadedModel`.
 
 A `LoadedModel` implements two token-level methods, `generate_tokens` and `score`;
 the text layer (`generate`: UTF-8-safe text deltas, stop strings, `<NL>`) is shared
-and comes for free.
+and comes for free, and so does `score_from` (scores of the last tokens only), which a
+backend may override to skip the work for context-only positions.
 """
 
 from __future__ import annotations
@@ -57,6 +58,19 @@ class TokenEvent:
     finish_reason: str | None  # "stop" (EOS), "length", or None while running
 
 
+@dataclass(frozen=True)
+class TokenScores:
+    """Scores of one sequence's tokens: entry k is for the k-th token scored (given all before it).
+
+    `logprobs`: log p(token | tokens before it) in nats, from fp32 logits.
+    `ranks`: 1 + the number of vocabulary entries with a strictly larger logit
+    (1 = the model's most likely token; ties share the better rank).
+    """
+
+    logprobs: list[float]
+    ranks: list[int]
+
+
 class TokenStream(Protocol):
     """What `generate_tokens` returns: iterate for the tokens of each step; `cancel` ends a sequence."""
 
@@ -88,12 +102,43 @@ class LoadedModel(ABC):
         """Start generating for a ragged batch of prompts (each expanded to `params.n` samples)."""
 
     @abstractmethod
-    def score(self, sequences: list[list[int]]) -> list[list[float]]:
-        """Log-probability of each token given the ones before it (positions 1..len-1)."""
+    def score(self, sequences: list[list[int]]) -> list[TokenScores]:
+        """Log-probability and rank of each token given the ones before it.
+
+        One `TokenScores` per sequence, with entries for tokens 1..len-1 (entry t-1 is
+        token t given tokens < t; a sequence of 0 or 1 tokens gives empty lists).
+        Raise `ToolboxError` for a sequence longer than `context_length`.
+        """
+
+    def score_from(self, sequences: list[list[int]], first: list[int]) -> list[TokenScores]:
+        """Like `score`, but only tokens first[i]..len-1 of sequence i (entry k is token first[i]+k).
+
+        The tokens before `first[i]` are context only (a sliding window's overlap). This
+        default scores everything and slices; a backend may override it to skip the
+        output layer for the context positions.
+        """
+        if len(first) != len(sequences):
+            raise ValueError("score_from: one first index per sequence")
+        out = []
+        for seq, f, s in zip(sequences, first, self.score(sequences)):
+            if not 1 <= f <= max(len(seq), 1):
+                raise ValueError(f"score_from: first index {f} outside 1..{len(seq)}")
+            out.append(TokenScores(list(s.logprobs[f - 1 :]), list(s.ranks[f - 1 :])))
+        return out
 
     def describe(self) -> dict:
         """Facts worth showing the user: device, dtype, memory."""
         return {}
+
+    def batcher(self, capacity: int):
+        """A request-level batcher for the server (see `toolbox.batching`).
+
+        The default runs groups of requests with equal settings through
+        `generate_tokens`; a backend with continuous batching overrides this.
+        """
+        from toolbox.batching import StaticBatcher
+
+        return StaticBatcher(self, capacity)
 
     def generate(self, prompts: list[list[int]], params: GenerationParams, nl: bool = False) -> Iterator[Event]:
         """Stream `Event`s: token ids, text deltas, logprobs and finish reasons."""
