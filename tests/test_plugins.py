@@ -261,8 +261,9 @@ def test_score_matches_cpu_backend(hf_model, checkpoint):
     seqs = [hf_model.tokenizer.encode(PROMPT), hf_model.tokenizer.encode("猫"), []]
     cpu = backends()["cpu"].load(checkpoint, LoadOptions())
     got, want = hf_model.score(seqs), cpu.score(seqs)
-    assert [len(s) for s in got] == [len(seqs[0]) - 1, 0, 0]
-    assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1:] == want[1:]
+    assert [len(s.logprobs) for s in got] == [len(seqs[0]) - 1, 0, 0]
+    assert got[0].logprobs == pytest.approx(want[0].logprobs, abs=1e-4) and got[1:] == want[1:]
+    assert got[0].ranks == want[0].ranks
 
 
 def test_text_layer_comes_for_free(hf_model):

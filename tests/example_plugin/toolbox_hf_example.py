@@ -16,7 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 import click
 
-from toolbox.backend import Backend, LoadedModel, TokenEvent
+from toolbox.backend import Backend, LoadedModel, TokenEvent, TokenScores
 from toolbox.errors import ToolboxError
 from toolbox.hookspecs import hookimpl
 from toolbox.registry import Architecture, GenerationDefaults, ModelSpec
@@ -115,11 +115,14 @@ class HFModel(LoadedModel):
             if len(seq) > self.context_length:
                 raise ToolboxError(f"sequence of {len(seq)} tokens exceeds the context of {self.context_length}")
             if len(seq) < 2:
-                result.append([])
+                result.append(TokenScores([], []))
                 continue
             with torch.inference_mode():
-                logprobs = self.hf(input_ids=torch.tensor([seq])).logits[0, :-1].float().log_softmax(-1)
-            result.append(logprobs.gather(-1, torch.tensor(seq[1:])[:, None])[:, 0].tolist())
+                logits = self.hf(input_ids=torch.tensor([seq])).logits[0, :-1].float()
+                target = logits.gather(-1, torch.tensor(seq[1:])[:, None])
+                logprobs = target[:, 0] - logits.logsumexp(-1)
+                ranks = (logits > target).sum(-1) + 1  # 1 = the most likely token
+            result.append(TokenScores(logprobs.tolist(), ranks.tolist()))
         return result
 
     def describe(self):

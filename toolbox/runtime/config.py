@@ -66,8 +66,9 @@ class NeoXConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"{source}: rope type {rope_type!r} is not supported (only 'default')")
-        rotary_pct = d.get("rotary_pct", rope.get("partial_rotary_factor", cls.rotary_pct))
-        rotary_base = d.get("rotary_emb_base", d.get("rope_theta", rope.get("rope_theta", cls.rotary_base)))
+        # Where both exist, rope_parameters wins (as in transformers).
+        rotary_pct = rope.get("partial_rotary_factor", d.get("rotary_pct", cls.rotary_pct))
+        rotary_base = rope.get("rope_theta", d.get("rotary_emb_base", d.get("rope_theta", cls.rotary_base)))
 
         act = d.get("hidden_act", cls.hidden_act)
         if act not in SUPPORTED_ACTIVATIONS:

@@ -176,35 +176,123 @@ def generate(
     )
 
 
-def score(model: GPTNeoX, token_ids: Sequence[Sequence[int]], max_batch_tokens: int = 4096) -> list[Tensor]:
-    """Per-token log-probabilities of whole sequences.
+@dataclass(frozen=True)
+class SequenceScores:
+    """The scores of one sequence's targets, as CPU tensors: entry k is target token ``first + k``.
 
-    Returns, for each sequence, a CPU fp32 tensor of length ``len - 1`` whose entry
-    ``t - 1`` is ``log p(token[t] | token[:t])``. Sequences are right-padded and batched
-    so that a batch holds at most ``max_batch_tokens`` padded positions (a longer single
-    sequence goes alone); this bounds the fp32 logits held at once.
+    ``logprobs`` fp32: ``log p(token[t] | token[:t])`` from fp32 logits. ``ranks`` int64:
+    ``1 + #(vocabulary entries with a strictly larger logit)``, so 1 is the most likely token.
+    """
+
+    logprobs: Tensor
+    ranks: Tensor
+
+
+def score(
+    model: GPTNeoX,
+    token_ids: Sequence[Sequence[int]],
+    max_batch_tokens: int = 4096,
+    first: Sequence[int] | None = None,
+) -> list[SequenceScores]:
+    """Per-token log-probabilities and ranks of whole sequences.
+
+    Sequence ``i`` gets scores for its tokens ``first[i] .. len - 1`` (default ``first``
+    1: every token that has a left context); the tokens before ``first[i]`` are context
+    only, and the output layer is run for the scored positions alone. Sequences are
+    sorted by length, right-padded and batched so that a batch holds at most
+    ``max_batch_tokens`` padded positions (a longer single sequence goes alone); equal
+    lengths share a batch with no mask, which lets attention use its fastest kernels.
+    Ranks are computed on the device from the same fp32 logits as the log-probabilities.
     """
     ctx = model.config.max_position_embeddings
+    vocab = model.config.vocab_size
     seqs = [list(s) for s in token_ids]
-    for s in seqs:
+    firsts = [1] * len(seqs) if first is None else [int(f) for f in first]
+    if len(firsts) != len(seqs):
+        raise ValueError(f"{len(firsts)} first indices for {len(seqs)} sequences")
+    for s, f in zip(seqs, firsts):
         if len(s) > ctx:
             raise ValueError(f"sequence of {len(s)} tokens exceeds the model's context of {ctx}")
+        if not 1 <= f <= max(len(s), 1):
+            raise ValueError(f"first scored token {f} is outside 1..{len(s)}")
+        if s and not (0 <= min(s) and max(s) < vocab):
+            raise ValueError(f"token id outside the vocabulary of {vocab}")
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first
     batches, cur = [], []
-    for s in seqs:
-        if cur and (len(cur) + 1) * max(len(s), *map(len, cur)) > max_batch_tokens:
+    for i in order:
+        # sorted: the batch's first sequence is its longest, so its padded length
+        if cur and (len(cur) + 1) * len(seqs[cur[0]]) > max_batch_tokens:
             batches.append(cur)
             cur = []
-        cur.append(s)
+        cur.append(i)
     if cur:
         batches.append(cur)
-    out: list[Tensor] = []
+    out: list[SequenceScores | None] = [None] * len(seqs)
+    empty = SequenceScores(torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
     dev = model.device
     with torch.inference_mode():
         for chunk in batches:
-            T = max(max(map(len, chunk)), 1)
-            ids = torch.tensor([s + [0] * (T - len(s)) for s in chunk], device=dev)
-            mask = torch.tensor([[True] * len(s) + [False] * (T - len(s)) for s in chunk], device=dev)
-            logits = model.forward_full(ids, mask)[:, :-1]
-            lp = logits.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1).cpu()
-            out.extend(lp[i, : max(len(s) - 1, 0)].clone() for i, s in enumerate(chunk))
+            T = len(seqs[chunk[0]])
+            counts = [max(len(seqs[i]) - firsts[i], 0) for i in chunk]
+            if sum(counts) == 0:
+                for i in chunk:
+                    out[i] = empty
+                continue
+            ids = torch.tensor([seqs[i] + [0] * (T - len(seqs[i])) for i in chunk], device=dev)
+            ragged = any(len(seqs[i]) != T for i in chunk)
+            mask = None
+            if ragged:
+                mask = torch.tensor([[True] * len(seqs[i]) + [False] * (T - len(seqs[i])) for i in chunk], device=dev)
+            lo = min(firsts[i] for i, n in zip(chunk, counts) if n) - 1  # first position whose output is needed
+            hidden = _final_hidden(model, ids, mask, lo)  # [B, T-1-lo, H]: positions lo .. T-2
+            rows = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
+            pos = torch.cat([torch.arange(firsts[i] - 1, firsts[i] - 1 + n) for i, n in zip(chunk, counts)])
+            rows, pos = rows.to(dev), pos.to(dev)
+            lp, rk = _token_scores(model.embed_out, hidden[rows, pos - lo], ids[rows, pos + 1], vocab)
+            lp, rk = lp.cpu(), rk.cpu()
+            for i, piece_lp, piece_rk in zip(chunk, lp.split(counts), rk.split(counts)):
+                out[i] = SequenceScores(piece_lp, piece_rk)
     return out
+
+
+def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> Tensor:
+    """The output layer's input (final-normed hidden states) at positions ``lo .. T-2``.
+
+    Runs ``model.forward_full`` with a pre-hook on ``embed_out`` that keeps those states
+    and hands the output layer a single position, so the ``[B, T, V]`` logits of the
+    context positions are never computed.
+    """
+    T = ids.shape[1]
+    kept: list[Tensor] = []
+
+    def keep(module, args):
+        kept.append(args[0][:, lo : T - 1])
+        return (args[0][:, :1],)
+
+    handle = model.embed_out.register_forward_pre_hook(keep)
+    try:
+        model.forward_full(ids, mask)
+    finally:
+        handle.remove()
+    if len(kept) != 1:
+        raise RuntimeError("GPTNeoX.forward_full did not call embed_out exactly once")
+    return kept[0]
+
+
+def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``.
+
+    The logits are made in row chunks: on the CPU about 4 MiB of fp32 at a time, so that
+    log-softmax and the rank count run while the chunk is still in cache (several times
+    faster than over the whole ``[N,V]`` block); on CUDA up to 256 MiB (bounded memory,
+    few launches).
+    """
+    n = hidden.shape[0]
+    step = max(1, (1 << 26 if hidden.is_cuda else 1 << 20) // vocab)
+    lps, ranks = [], []
+    for c in range(0, n, step):
+        logits = head(hidden[c : c + step]).float()
+        t = targets[c : c + step, None]
+        lps.append(logits.log_softmax(-1).gather(1, t).squeeze(1))
+        ranks.append((logits > logits.gather(1, t)).sum(-1, dtype=torch.int32) + 1)
+    return torch.cat(lps), torch.cat(ranks).long()

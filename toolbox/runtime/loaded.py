@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from toolbox.backend import GenerationParams, LoadedModel, TokenEvent
+from toolbox.backend import GenerationParams, LoadedModel, TokenEvent, TokenScores
 from toolbox.errors import ToolboxError
 from toolbox.runtime.generation import Generation, score
 from toolbox.runtime.model import GPTNeoX
@@ -95,10 +95,15 @@ class RuntimeModel(LoadedModel):
         return _Stream(generation)
 
     def score(self, sequences):
+        return self.score_from(sequences, [1] * len(sequences))
+
+    def score_from(self, sequences, first):
+        """Scores of tokens first[i]..len-1; the output layer runs for those positions only."""
         try:
-            return [lp.tolist() for lp in score(self.module, sequences)]
+            found = score(self.module, sequences, first=first)
         except ValueError as exc:
             raise ToolboxError(str(exc)) from None
+        return [TokenScores(s.logprobs.tolist(), s.ranks.tolist()) for s in found]
 
     def describe(self) -> dict:
         params = sum(p.numel() for p in self.module.parameters())

@@ -84,7 +84,8 @@ class Attention(nn.Module):
             k, v = self.kv_cache.update(cache_pos, k, v)
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        # mask None: plain causal attention over these tokens (cache-free, unpadded)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -187,7 +188,7 @@ class GPTNeoX(nn.Module):
         input_ids: Tensor,
         input_pos: Tensor,
         cache_pos: Tensor,
-        key_mask: Tensor,
+        key_mask: Tensor | None,
         *,
         kv_len: int | None = None,
         last_only: bool = False,
@@ -196,7 +197,8 @@ class GPTNeoX(nn.Module):
 
         ``input_pos [B,T]``: each row's token positions (rotary). ``cache_pos [T]``: the
         cache slots these tokens go to, in increasing order. ``key_mask [B,S]`` bool: the
-        slots each row may attend to (False for its pad slots); causality is by slot order.
+        slots each row may attend to (False for its pad slots; None = all); causality is by
+        slot order.
         ``kv_len``: attend only over the first ``kv_len`` slots (a Python int; faster on
         CPU, but changes shapes step to step — leave None for CUDA-graph capture).
         ``last_only``: compute logits for the last position only (prefill).
@@ -212,11 +214,15 @@ class GPTNeoX(nn.Module):
             key_mask = key_mask if kv_len is None else key_mask[:, :kv_len]
         else:
             slots = torch.arange(input_ids.shape[1], device=input_ids.device)
-        # A query sees earlier-or-same slots that its row allows, and always its own slot,
-        # so pad queries never see an empty row (which would make NaNs).
-        causal = slots[None, :] <= cache_pos[:, None]  # [T,S]
-        own = slots[None, :] == cache_pos[:, None]
-        mask = (causal & (key_mask[:, None, :] | own))[:, None]  # [B,1,T,S]
+        mask = None  # plain causal (only without a cache: SDPA aligns is_causal top-left)
+        if use_cache or key_mask is not None:
+            mask = slots[None, :] <= cache_pos[:, None]  # [T,S] causal in slot order
+            if key_mask is not None:
+                # A query sees the earlier slots its row allows, and always its own slot,
+                # so pad queries never see an empty row (which would make NaNs).
+                own = slots[None, :] == cache_pos[:, None]
+                mask = mask & (key_mask[:, None, :] | own)  # [B,T,S]
+            mask = mask.unsqueeze(-3)  # [B or 1, 1, T, S]
         cos = self.rope_cos[input_pos].to(self.dtype)[:, None]  # [B,1,T,rd]
         sin = self.rope_sin[input_pos].to(self.dtype)[:, None]
 
@@ -231,12 +237,14 @@ class GPTNeoX(nn.Module):
         """Cache-free forward over whole sequences (for scoring): fp32 logits ``[B,T,V]``.
 
         ``attention_mask [B,T]`` (1/True = real token) may pad on either side; positions
-        count real tokens only. The KV cache, if any, is left untouched.
+        count real tokens only. Without a mask, attention is plainly causal (SDPA's
+        ``is_causal``, which allows the fastest kernels). The KV cache is left untouched.
         """
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
-        attention_mask = attention_mask.bool()
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         slots = torch.arange(T, device=input_ids.device)
+        if attention_mask is None:
+            pos = slots.expand(B, T)
+        else:
+            attention_mask = attention_mask.bool()
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         return self._run(input_ids, pos, slots, attention_mask, None, False, use_cache=False)

@@ -1,0 +1,97 @@
+"""Sampling filters against transformers' logits processors, and sampler behaviour."""
+
+import pytest
+import torch
+
+from toolbox.runtime.sampling import SamplingParams, process_logits, sample
+
+
+def _logits(seed=0, B=4, V=300):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, V, generator=g) * 3
+
+
+def _hf_chain(params, input_ids):
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    procs = []
+    if params.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.temperature not in (0, 1.0):
+        procs.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k:
+        procs.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList(procs)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.7),
+        SamplingParams(top_k=5),
+        SamplingParams(top_k=1000),
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.3),
+        SamplingParams(repetition_penalty=1.3),
+        SamplingParams(repetition_penalty=0.8),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1),
+        SamplingParams(temperature=1.5, top_k=3, top_p=0.5, repetition_penalty=1.2),
+    ],
+)
+@pytest.mark.parametrize("seed", range(3))
+def test_filters_match_transformers(params, seed):
+    logits = _logits(seed)
+    input_ids = torch.randint(0, logits.shape[1], (logits.shape[0], 30), generator=torch.Generator().manual_seed(seed))
+    seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, input_ids, True)
+    ours = process_logits(logits, params, seen)
+    ref = _hf_chain(params, input_ids)(input_ids, logits.clone())
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+
+
+def test_greedy_and_logprobs():
+    logits = _logits(1)
+    tokens, lp = sample(logits, SamplingParams(temperature=0))
+    assert torch.equal(tokens, logits.argmax(-1))
+    torch.testing.assert_close(lp, logits.log_softmax(-1).max(-1).values)
+    # reported logprobs stay those of the raw logits even when filters change the choice
+    tokens, lp = sample(logits, SamplingParams(temperature=0.5, top_k=3), torch.Generator().manual_seed(0))
+    torch.testing.assert_close(lp, logits.log_softmax(-1).gather(1, tokens[:, None]).squeeze(1))
+
+
+def test_banned_tokens_never_chosen():
+    logits = torch.zeros(3, 10)
+    logits[:, 4] = 50.0
+    banned = torch.tensor([4])
+    assert (sample(logits, SamplingParams(temperature=0), banned=banned)[0] != 4).all()
+    tokens, _ = sample(logits[:1].expand(2000, 10), SamplingParams(), torch.Generator().manual_seed(0), banned=banned)
+    assert (tokens != 4).all()
+
+
+def test_seeded_sampling_reproducible_and_filtered():
+    logits = _logits(2, B=64)
+    params = SamplingParams(temperature=1.0, top_k=10)
+    draw = lambda s: sample(logits, params, torch.Generator().manual_seed(s))[0]
+    assert torch.equal(draw(7), draw(7))
+    assert not torch.equal(draw(7), draw(8))
+    allowed = torch.topk(logits, 10).indices
+    assert (allowed == draw(9)[:, None]).any(-1).all()
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, 4)
+    tokens, _ = sample(logits, SamplingParams(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_params_validation():
+    with pytest.raises(ValueError):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError):
+        SamplingParams(temperature=-1)
