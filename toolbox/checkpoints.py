@@ -45,13 +45,27 @@ def registry() -> Registry:
     return reg
 
 
+def lookup(name: str) -> ModelSpec | None:
+    """The registry entry called `name`; plugins are loaded only for names the core lacks.
+
+    Plugins may not reuse built-in names, so the answer is the same either way; the
+    tokenizer commands just skip the entry-point scan on their way to the default model.
+    """
+    from toolbox.registry import builtin_models
+
+    for spec in builtin_models():
+        if name.lower() in (n.lower() for n in spec.names):
+            return spec
+    return registry().get(name)
+
+
 def parse_model(name: str | None, revision: str | None = None) -> ModelRef:
     """Interpret a `--model` value without touching the network."""
     name = name or DEFAULT_MODEL
     path = Path(name).expanduser()
     if path.is_dir():
         return ModelRef(name, None, None, path, revision)
-    spec = registry().get(name)
+    spec = lookup(name)
     if spec is not None:
         if spec.path is not None:
             return ModelRef(spec.id, spec, None, spec.path, revision)

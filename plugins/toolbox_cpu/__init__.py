@@ -16,6 +16,7 @@ class CPUBackend(Backend):
         import torch
 
         from toolbox.errors import ToolboxError
+        from toolbox.runtime.cpu import pack_linears
         from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer, load_module, torch_dtype
 
         if options.device not in (None, "cpu"):
@@ -23,7 +24,7 @@ class CPUBackend(Backend):
         dtype = torch_dtype(options.dtype or "float32", ("float32", "bfloat16"))
         if options.threads:
             torch.set_num_threads(options.threads)
-        module = load_module(checkpoint, "cpu", dtype)
+        module = pack_linears(load_module(checkpoint, "cpu", dtype))
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads()}
         return RuntimeModel(module, checkpoint_tokenizer(checkpoint), info)

@@ -105,6 +105,12 @@ class RuntimeModel(LoadedModel):
             raise ToolboxError(str(exc)) from None
         return [TokenScores(s.logprobs.tolist(), s.ranks.tolist()) for s in found]
 
+    def batcher(self, capacity: int):
+        """Continuous batching: a request joins the running batch at the next step."""
+        from toolbox.runtime.batcher import ContinuousBatcher
+
+        return ContinuousBatcher(self.module, self.eos_token_ids, capacity)
+
     def describe(self) -> dict:
         params = sum(p.numel() for p in self.module.parameters())
         return {**self.info, "parameters": params, "weight_bytes": module_bytes(self.module)}

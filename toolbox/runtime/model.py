@@ -5,14 +5,21 @@ pass uses fixed shapes and no host synchronisation, so a backend can capture the
 decode step as a CUDA graph (keep ``kv_len=None`` there).
 
 Cache layout: one key and one value tensor per layer, ``[B, heads, S, head_dim]``.
-Rows of a batch share cache *slots* (``cache_pos``) but have their own *positions*
+Rows of a batch share cache *slots* (``cache_pos [T]``) but have their own *positions*
 (``input_pos``, used for rotary embedding): a ragged batch is left-padded, and
 ``key_mask`` hides each row's pad slots, so a row's output does not depend on its
-padding.
+padding. Alternatively every row writes to its own slots (``cache_pos [B,T]``), as a
+continuous batcher needs, whose rows are at different lengths.
+
+The cache is the module's own (``setup_cache``) or one the caller passes to
+``forward(cache=...)`` (``new_cache``): a caller may pass views of a larger cache
+(e.g. ``k[lo:hi]`` to prefill some rows, ``k[:n]`` to decode the first ``n`` rows);
+the writes land in the viewed tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,10 +67,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, cache_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write ``k, v [B,H,T,D]`` into slots ``cache_pos [T]``; return the whole cache."""
-        self.k.index_copy_(2, cache_pos, k)
-        self.v.index_copy_(2, cache_pos, v)
+        """Write ``k, v [B,H,T,D]`` into slots ``cache_pos`` (``[T]`` or ``[B,T]``); return the whole cache."""
+        write_kv(self.k, cache_pos, k)
+        write_kv(self.v, cache_pos, v)
         return self.k, self.v
+
+
+def write_kv(buf: Tensor, cache_pos: Tensor, new: Tensor) -> None:
+    """Write ``new [B,H,T,D]`` into ``buf [B,H,S,D]`` at slots ``cache_pos``.
+
+    ``cache_pos [T]``: the same slots for every row; ``[B,T]``: each row its own slots.
+    Both are single device kernels (no host sync).
+    """
+    if cache_pos.dim() == 1:
+        buf.index_copy_(2, cache_pos, new)
+    elif buf.shape[0] == 1:  # one row: the cheaper shared-slots kernel
+        buf.index_copy_(2, cache_pos[0], new)
+    else:
+        rows = torch.arange(buf.shape[0], device=buf.device)[:, None]  # [B,1] with [B,T] -> [B,T,H,D]
+        buf[rows, :, cache_pos] = new.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -74,14 +96,17 @@ class Attention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos, kv_len, use_cache):
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv):
+        """``kv``: this layer's ``(keys, values)`` cache tensors, or None (no cache)."""
         B, T, C = x.shape
         # The fused projection is laid out per head as [q | k | v].
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if use_cache:
-            k, v = self.kv_cache.update(cache_pos, k, v)
+        if kv is not None:
+            write_kv(kv[0], cache_pos, k)
+            write_kv(kv[1], cache_pos, v)
+            k, v = kv
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         # mask None: plain causal attention over these tokens (cache-free, unpadded)
@@ -109,8 +134,8 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache_pos, kv_len, use_cache):
-        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache_pos, kv_len, use_cache)
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv):
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache_pos, kv_len, kv)
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
         h = x + a  # sequential: h = x + attn(ln1(x)); h + mlp(ln2(h))
@@ -174,8 +199,18 @@ class GPTNeoX(nn.Module):
         c = self.config
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.num_heads, max_seq_len, c.head_dim, self.dtype, self.device)
-        self.register_buffer("cache_slots", torch.arange(max_seq_len, device=self.device), persistent=False)
         self.cache_shape = (batch_size, max_seq_len)
+
+    def new_cache(self, batch_size: int, max_seq_len: int) -> list[tuple[Tensor, Tensor]]:
+        """A zeroed cache owned by the caller, for ``forward(cache=...)``: per layer
+        ``(keys, values)``, each ``[batch_size, heads, max_seq_len, head_dim]``."""
+        c = self.config
+        shape = (batch_size, c.num_heads, max_seq_len, c.head_dim)
+
+        def zeros():
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
+        return [(zeros(), zeros()) for _ in range(c.num_layers)]
 
     def drop_cache(self) -> None:
         """Free the KV cache."""
@@ -192,45 +227,58 @@ class GPTNeoX(nn.Module):
         *,
         kv_len: int | None = None,
         last_only: bool = False,
+        cache: Sequence[tuple[Tensor, Tensor]] | None = None,
+        logits_at: Tensor | None = None,
     ) -> Tensor:
         """Run ``input_ids [B,T]`` through the model, writing keys/values into the cache.
 
         ``input_pos [B,T]``: each row's token positions (rotary). ``cache_pos [T]``: the
-        cache slots these tokens go to, in increasing order. ``key_mask [B,S]`` bool: the
+        cache slots these tokens go to, in increasing order, the same for every row; or
+        ``[B,T]``: each row's own slots (increasing along T). ``key_mask [B,S]`` bool: the
         slots each row may attend to (False for its pad slots; None = all); causality is by
-        slot order.
+        slot order: a token sees the slots up to its own, of its own row.
         ``kv_len``: attend only over the first ``kv_len`` slots (a Python int; faster on
         CPU, but changes shapes step to step — leave None for CUDA-graph capture).
         ``last_only``: compute logits for the last position only (prefill).
-        Returns fp32 logits ``[B,T,V]`` (``[B,1,V]`` with ``last_only``).
-        Without a cache (``setup_cache`` not called) tokens attend only to each other:
-        ``S == T`` and ``cache_pos`` must be ``arange(T)``.
+        ``cache``: per layer ``(keys, values)`` ``[B,H,S,D]`` to use instead of the module's
+        own cache (see ``new_cache``; views of a larger cache work).
+        ``logits_at [B]``: compute logits only at each row's given index along T (the last
+        real token of a right-padded prefill).
+        Returns fp32 logits ``[B,T,V]`` (``[B,1,V]`` with ``last_only`` or ``logits_at``).
+        Without a cache (neither ``setup_cache`` nor ``cache``) tokens attend only to each
+        other: ``S == T`` and ``cache_pos`` must be ``arange(T)``.
         """
-        return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, self.cache_shape is not None)
+        if cache is None and self.cache_shape is not None:
+            cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in self.layers]
+        return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at)
 
-    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, use_cache):
+    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None):
+        use_cache = cache is not None
         if use_cache:
-            slots = self.cache_slots if kv_len is None else self.cache_slots[:kv_len]
-            key_mask = key_mask if kv_len is None else key_mask[:, :kv_len]
+            slots = torch.arange(cache[0][0].shape[2] if kv_len is None else kv_len, device=input_ids.device)
+            if key_mask is not None and kv_len is not None:
+                key_mask = key_mask[:, :kv_len]
         else:
             slots = torch.arange(input_ids.shape[1], device=input_ids.device)
         mask = None  # plain causal (only without a cache: SDPA aligns is_causal top-left)
         if use_cache or key_mask is not None:
-            mask = slots[None, :] <= cache_pos[:, None]  # [T,S] causal in slot order
+            at = cache_pos[..., None]  # [T,1] or [B,T,1]
+            mask = slots <= at  # [T,S] or [B,T,S]: causal in slot order
             if key_mask is not None:
                 # A query sees the earlier slots its row allows, and always its own slot,
                 # so pad queries never see an empty row (which would make NaNs).
-                own = slots[None, :] == cache_pos[:, None]
-                mask = mask & (key_mask[:, None, :] | own)  # [B,T,S]
+                mask = mask & (key_mask[:, None, :] | (slots == at))  # [B,T,S]
             mask = mask.unsqueeze(-3)  # [B or 1, 1, T, S]
         cos = self.rope_cos[input_pos].to(self.dtype)[:, None]  # [B,1,T,rd]
         sin = self.rope_sin[input_pos].to(self.dtype)[:, None]
 
         x = self.embed_in(input_ids)
-        for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache_pos, kv_len, use_cache)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache_pos, kv_len, cache[i] if use_cache else None)
         if last_only:
             x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
         return self.embed_out(self.final_layer_norm(x)).float()
 
     def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -247,4 +295,4 @@ class GPTNeoX(nn.Module):
         else:
             attention_mask = attention_mask.bool()
             pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self._run(input_ids, pos, slots, attention_mask, None, False, use_cache=False)
+        return self._run(input_ids, pos, slots, attention_mask, None, False, None)

@@ -1,6 +1,6 @@
 """Whole-process tokenization throughput: toolbox against spm_encode and transformers.
 
-    python bench/tokenize.py [SOURCE] [--runs N] [--size-mb 10] [--model DIR]
+    python bench/tokenize_throughput.py [SOURCE] [--runs N] [--size-mb 10] [--model DIR]
 
 SOURCE (default ../shared/data/wagahaiwa_nekodearu.txt) is converted to LF line ends
 and repeated to about --size-mb megabytes in a temporary directory. Every tool then
@@ -155,6 +155,7 @@ def main() -> None:
         for mode in ("hf-t5-slow", "hf-backend-fast"):
             tools[mode] = [sys.executable, "-c", HF_SCRIPT, mode, str(args.model)]
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
         workdir = Path(tmp)
         input_path, copies = build_input(args.source, args.size_mb, workdir)
@@ -222,10 +223,18 @@ def main() -> None:
     checks["cold_start_s"] = cold_best <= TARGETS["cold_start_s"]
     print(f"cold start (`toolbox tokenize` one line, best of {len(cold)}): {cold_best:.3f} s"
           f"{'  ok' if checks['cold_start_s'] else '  MISSES 0.25 s'}")
+    print(f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
 
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            # 1/5/15-minute load averages: other work on the machine skews every figure
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+        },
         "versions": {
             "sentencepiece": package_version("sentencepiece"),
             "transformers": package_version("transformers"),

@@ -1,0 +1,196 @@
+"""CPU generation benchmark: our backends against transformers' `generate`, side by side.
+
+Every configuration runs in its own child process (so peak RSS is its own) with the
+same thread count, batch 1, greedy, a fixed number of new tokens (EOS held off):
+
+- the embedded model: `cpu` fp32 vs transformers fp32 (decode tokens/s);
+- shape S (hidden 1024, 8 layers, 8 heads, intermediate 4096, vocab 32000), random
+  weights: `cpu` fp32/bf16 and `quant` int8 vs transformers fp32/bf16/int8
+  (`quantize_dynamic`): decode tokens/s, prompt processing (512 tokens) tokens/s and
+  peak RSS.
+
+llama.cpp is not built here; its figures on the same shape and machine class are
+quoted from ../shared/reference/measurements.md for comparison.
+
+    python bench/generate_cpu.py [--threads 2] [--runs 3] [--new-tokens 64] [--quick]
+
+Writes bench/results/generate_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED = ROOT / "toolbox" / "data" / "embedded"
+SHAPE_S = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, intermediate_size=4096, vocab_size=32000)
+LLAMA_CPP = {  # measurements.md, shape S, 2 cores: tg tokens/s, pp512 tokens/s, peak RSS GB
+    "f32": (50, 55, 726, 747, 0.67),
+    "bf16": (152, 162, 1128, 1141, 0.35),
+    "q8_0": (171, 200, 900, 900, 0.20),
+    "q4_0": (305, 325, 1058, 1148, 0.18),
+}
+CONFIGS = [
+    # (name, model, engine, dtype)
+    ("embedded ours fp32", "embedded", "cpu", "float32"),
+    ("embedded transformers fp32", "embedded", "hf", "float32"),
+    ("S ours fp32", "S", "cpu", "float32"),
+    ("S transformers fp32", "S", "hf", "float32"),
+    ("S ours bf16", "S", "cpu", "bfloat16"),
+    ("S transformers bf16", "S", "hf", "bfloat16"),
+    ("S ours int8 (quant)", "S", "quant", "int8"),
+    ("S transformers int8 (quantize_dynamic)", "S", "hf", "int8"),
+]
+
+
+def build_shape_s(path: Path) -> None:
+    """A random GPT-NeoX in shape S, saved in the Hugging Face layout with the embedded tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(**SHAPE_S, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
+                           bos_token_id=2, eos_token_id=3)
+    GPTNeoXForCausalLM(config).save_pretrained(path)
+    shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
+
+
+def child(args) -> dict:
+    """Measure one configuration in this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    prompt = list(range(100, 116))
+    context = json.loads((Path(args.model_dir) / "config.json").read_text())["max_position_embeddings"]
+    long_prompt = [100 + (i * 37) % 7000 for i in range(min(512, context - 1))]
+    if args.engine == "hf":
+        decode, prefill = _hf(args)
+    else:
+        decode, prefill = _ours(args)
+    decode(prompt)  # warm up
+    prefill(long_prompt)
+    tg = max(args.new_tokens / _timed(decode, prompt) for _ in range(args.runs))
+    pp = max(len(long_prompt) / _timed(prefill, long_prompt) for _ in range(args.runs))
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"decode_tokens_per_s": round(tg, 1), "prompt_tokens_per_s": round(pp, 1), "peak_rss_mb": round(peak_mb, 1)}
+
+
+def _timed(fn, arg) -> float:
+    start = time.perf_counter()
+    fn(arg)
+    return time.perf_counter() - start
+
+
+def _ours(args):
+    from toolbox.backend import GenerationParams, LoadOptions, pick_backend
+
+    model = pick_backend(args.engine).load(Path(args.model_dir), LoadOptions(dtype=args.dtype, threads=args.threads))
+    params = GenerationParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=0.0)
+    one = GenerationParams(max_new_tokens=1, temperature=0.0)
+
+    def decode(prompt):
+        for _ in model.generate_tokens([prompt], params):
+            pass
+
+    def prefill(prompt):
+        for _ in model.generate_tokens([prompt], one):
+            pass
+
+    return decode, prefill
+
+
+def _hf(args):
+    import warnings
+
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    model = GPTNeoXForCausalLM.from_pretrained(args.model_dir, dtype=dtype).eval()
+    if args.dtype == "int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+    def decode(prompt):
+        with torch.inference_mode():
+            model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, pad_token_id=0)
+
+    def prefill(prompt):
+        with torch.inference_mode():
+            model(torch.tensor([prompt]))
+
+    return decode, prefill
+
+
+def run_config(name, model_dir, engine, dtype, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--engine", engine, "--dtype", dtype,
+           "--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"{name:42s} decode {result['decode_tokens_per_s']:8.1f} tok/s   prompt {result['prompt_tokens_per_s']:8.1f} tok/s"
+          f"   peak RSS {result['peak_rss_mb']} MB", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--quick", action="store_true", help="embedded model only")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shape_s = Path(tmp) / "shape-s"
+        configs = [c for c in CONFIGS if c[1] == "embedded" or not args.quick]
+        if not args.quick:
+            build_shape_s(shape_s)
+        for name, model, engine, dtype in configs:
+            results[name] = run_config(name, EMBEDDED if model == "embedded" else shape_s, engine, dtype, args)
+
+    def ratio(a, b, key="decode_tokens_per_s"):
+        return round(results[a][key] / results[b][key], 2) if a in results and b in results else None
+
+    summary = {
+        "embedded decode, ours / transformers": ratio("embedded ours fp32", "embedded transformers fp32"),
+        "S fp32 decode, ours / transformers": ratio("S ours fp32", "S transformers fp32"),
+        "S bf16 decode, ours / transformers": ratio("S ours bf16", "S transformers bf16"),
+        "S int8 decode, ours / transformers": ratio("S ours int8 (quant)", "S transformers int8 (quantize_dynamic)"),
+        "S bf16 prompt, ours / transformers": ratio("S ours bf16", "S transformers bf16", "prompt_tokens_per_s"),
+    }
+    for key, value in summary.items():
+        print(f"{key:45s} {value}")
+    print("llama.cpp (measurements.md, same shape, 2 cores): " + ", ".join(
+        f"{k} tg {v[0]}-{v[1]} pp {v[2]}-{v[3]} RSS {v[4]} GB" for k, v in LLAMA_CPP.items()))
+    out = ROOT / "bench" / "results" / "generate_cpu.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "threads": args.threads},
+        "new_tokens": args.new_tokens, "runs": args.runs, "results": results, "ratios": summary,
+        "llama_cpp_reference": LLAMA_CPP,
+    }, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Continuous batching for the built-in runtime: requests join and leave the running batch.
+
+`ContinuousBatcher` implements `toolbox.batching.Batcher`. It owns a KV cache (not the
+module's ``setup_cache`` one, so a `Generation` on the same module does not disturb it)
+of up to ``capacity`` rows, one request per row, every row at its own length.
+
+Each `step()`:
+
+1. admits waiting requests into free rows, in arrival order, and prefills their prompts
+   (into slots ``0..L-1`` of their rows; right-padded together in groups of similar
+   lengths, see `_admit`); the token sampled from a prefill is that request's first
+   event of this step;
+2. runs one decode step over every row that was already running: one forward of
+   ``[n, 1]`` tokens with per-row positions and cache slots (``cache_pos [n,1]``), so
+   causality in slot order is each row's own mask (no ``key_mask``: a row only ever
+   sees the slots it wrote itself);
+3. removes the rows that finished ('stop' on an EOS id, 'length' after
+   ``max_new_tokens``).
+
+Rows are kept compacted: the running requests occupy rows ``0..n-1`` and a decode step
+works on the views ``k[:n]``, ``v[:n]`` (attention trimmed to the longest row with
+``kv_len``), so a batch of few requests costs what its rows cost, not ``capacity``
+rows. When a row leaves (finished or cancelled), the last row moves into its place:
+a copy of the moving row's used slots, per layer.
+
+The cache grows on demand (rows up to ``capacity``, slots up to ``max_seq_len``, at
+least doubling; a growth copies the live rows) instead of being allocated whole up
+front, so memory follows the load; it is kept, not shrunk, when the batch empties.
+`reserve` allocates it whole at once.
+
+Sampling settings are per request and applied to the whole batch at once: temperature,
+top-k, top-p and the repetition penalty become ``[n, 1]`` tensors, greedy rows take
+the argmax of the (penalised) logits, and EOS is banned per row until its
+``min_new_tokens``. A seeded request draws its randomness from its own
+``torch.Generator``, so its tokens do not depend on what else is in the batch (they
+equal a static ``generate`` of it alone with that seed); unseeded requests share one
+randomly seeded generator. The reported logprob is the log-softmax of the raw logits
+at the chosen token, as in `generation.py`.
+
+GPU notes: the decode step has no host sync inside the forward, but its shapes change
+with the number of rows ``n`` and with ``kv_len``, and the per-row inputs are built
+from host lists each step (one sync per step reads the sampled tokens back). To replay
+the decode step as a CUDA graph, `reserve` the whole cache (stable addresses), capture
+one graph per bucket of row counts (1, 2, 4, ... ``capacity``) with ``kv_len=None``,
+pad ``n`` up to the bucket (padding rows write only into their own, unused rows) and
+copy the per-row inputs into static tensors. The batch-1 prefill is not a graph
+candidate (its length varies).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from toolbox.backend import TokenEvent
+from toolbox.batching import SequenceRequest
+
+from .model import GPTNeoX
+from .sampling import SamplingParams, apply_repetition_penalty, top_p_filter
+
+
+@dataclass(eq=False)
+class _Row:
+    """A running request (the i-th of `ContinuousBatcher._rows` lives in cache row i)."""
+
+    request: SequenceRequest
+    sampling: SamplingParams
+    length: int  # tokens written into the cache
+    produced: int = 0  # tokens emitted
+    last: int = -1  # the last emitted token (the next decode input)
+    generator: torch.Generator | None = None  # a seeded request's own generator
+    done: bool = False
+
+
+class ContinuousBatcher:
+    """A continuous batcher over a `GPTNeoX` module; see the module docstring."""
+
+    #: the most padded tokens prefilled in one forward (bounds the prefill's activations)
+    PREFILL_TOKENS = 4096
+
+    def __init__(self, module: GPTNeoX, eos_token_ids: Sequence[int], capacity: int, max_seq_len: int | None = None):
+        ctx = module.config.max_position_embeddings
+        max_seq_len = ctx if max_seq_len is None else max_seq_len
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        if not 1 <= max_seq_len <= ctx:
+            raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{ctx} (the model's context)")
+        self.module, self.capacity, self.max_seq_len = module, capacity, max_seq_len
+        self.vocab = module.config.vocab_size
+        self.eos = frozenset(int(t) for t in eos_token_ids if 0 <= int(t) < self.vocab)
+        dev = module.device
+        self._eos_cols = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
+        if self.eos:
+            self._eos_cols[sorted(self.eos)] = True
+        self._waiting: deque[SequenceRequest] = deque()
+        self._rows: list[_Row] = []
+        self._cache: list[tuple[Tensor, Tensor]] = []
+        self._seen: Tensor | None = None  # [rows, V] bool: prompt and output tokens, for the repetition penalty
+        self._alloc = (0, 0)  # (rows, slots) allocated
+        self._shared_gen = torch.Generator(device=dev)
+        self._shared_gen.seed()
+
+    # -- the Batcher protocol ---------------------------------------------------------
+
+    def add(self, request: SequenceRequest) -> None:
+        """Queue a `SequenceRequest`; ValueError for one that cannot run (too long, bad settings)."""
+        p, prompt = request.params, request.prompt
+        if any(r.id == request.id for r in self._waiting) or any(r.request.id == request.id for r in self._rows):
+            raise ValueError(f"request id {request.id} is already queued")
+        if not prompt:
+            raise ValueError("the prompt needs at least one token")
+        if p.max_new_tokens < 1 or p.min_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 1 and min_new_tokens >= 0")
+        if len(prompt) + p.max_new_tokens > self.max_seq_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens {p.max_new_tokens} exceeds "
+                f"the batcher's {self.max_seq_len} cache slots"
+            )
+        if not all(0 <= t < self.vocab for t in prompt):
+            bad = next(t for t in prompt if not 0 <= t < self.vocab)
+            raise ValueError(f"token id {bad} is outside the vocabulary of {self.vocab}")
+        _sampling(p)  # validates temperature, top_k, top_p, repetition_penalty
+        self._waiting.append(request)
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a waiting or running request; a running one frees its row at once."""
+        self._waiting = deque(r for r in self._waiting if r.id != request_id)
+        for i, row in enumerate(self._rows):
+            if row.request.id == request_id:
+                with torch.inference_mode():
+                    self._remove([i])
+                return
+
+    def pending(self) -> int:
+        return len(self._waiting) + len(self._rows)
+
+    def running(self) -> int:
+        return len(self._rows)
+
+    def step(self) -> list[TokenEvent]:
+        """Admit waiting requests (their first tokens), then advance the running ones by one token."""
+        events: list[TokenEvent] = []
+        with torch.inference_mode():
+            n_old = len(self._rows)
+            for lo, hi in self._admit():
+                events += self._pick(self._prefill(lo, hi), lo, hi)
+            if n_old:
+                events += self._pick(self._decode(n_old), 0, n_old)
+            done = [i for i, row in enumerate(self._rows) if row.done]
+            if done:
+                self._remove(done)
+        return events
+
+    def reserve(self, rows: int | None = None, slots: int | None = None) -> None:
+        """Allocate the cache for ``rows`` rows of ``slots`` slots now (default: all of it)."""
+        with torch.inference_mode():
+            self._grow(rows or self.capacity, slots or self.max_seq_len)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _admit(self) -> list[tuple[int, int]]:
+        """Move waiting requests (first come, first served) into free rows.
+
+        Returns the row ranges to prefill together: the new rows are placed longest
+        prompt first and grouped while right-padding wastes little (at most a quarter
+        of the group's tokens, plus 32) and a group stays within ``PREFILL_TOKENS``.
+        """
+        take = min(len(self._waiting), self.capacity - len(self._rows))
+        if take <= 0:
+            return []
+        requests = [self._waiting.popleft() for _ in range(take)]
+        longest = max(len(r.prompt) + r.params.max_new_tokens for r in requests)
+        self._grow(len(self._rows) + take, longest)
+        groups: list[tuple[int, int]] = []
+        real = 0  # prompt tokens in the last group
+        for r in sorted(requests, key=lambda r: -len(r.prompt)):
+            i, L = len(self._rows), len(r.prompt)
+            self._rows.append(self._new_row(r))
+            if groups:
+                lo = groups[-1][0]
+                padded = (i + 1 - lo) * len(self._rows[lo].request.prompt)  # the group's first is its longest
+                if padded <= min(self.PREFILL_TOKENS, 1.25 * (real + L) + 32):
+                    groups[-1], real = (lo, i + 1), real + L
+                    continue
+            groups.append((i, i + 1))
+            real = L
+        return groups
+
+    def _new_row(self, request: SequenceRequest) -> _Row:
+        sampling = _sampling(request.params)
+        gen = None
+        if sampling.seed is not None and not sampling.greedy:
+            gen = torch.Generator(device=self.module.device)
+            gen.manual_seed(sampling.seed)
+        return _Row(request, sampling, length=0, generator=gen)
+
+    def _grow(self, rows: int, slots: int) -> None:
+        R, S = self._alloc
+        if rows <= R and slots <= S:
+            return
+        if R == 0:  # first allocation: what is asked for, slots rounded up
+            R2, S2 = rows, slots
+        else:
+            R2 = max(rows, min(self.capacity, 2 * R)) if rows > R else R
+            S2 = max(slots, min(self.max_seq_len, 2 * S)) if slots > S else S
+        S2 = min(self.max_seq_len, -(-S2 // 64) * 64)
+        cache = self.module.new_cache(R2, S2)
+        seen = torch.zeros(R2, self.vocab, dtype=torch.bool, device=self.module.device)
+        n = len(self._rows)  # rows with cache contents (called before new rows join)
+        if n:
+            for (k, v), (k2, v2) in zip(self._cache, cache):
+                k2[:n, :, :S].copy_(k[:n])
+                v2[:n, :, :S].copy_(v[:n])
+            seen[:n].copy_(self._seen[:n])
+        self._cache, self._seen, self._alloc = cache, seen, (R2, S2)
+
+    def _prefill(self, lo: int, hi: int) -> Tensor:
+        """Prefill the prompts of rows lo..hi-1 (right-padded) into slots 0.. of their rows.
+
+        The pad tokens of a shorter prompt write keys and values past its end; causality
+        hides them, and the row's decode steps overwrite them before it could see them.
+        Returns each row's next-token logits ``[hi-lo, V]``.
+        """
+        rows, dev = self._rows[lo:hi], self.module.device
+        lengths = [len(r.request.prompt) for r in rows]
+        T = max(lengths)
+        # pad with the prompt's own last token, so that `seen` below marks prompt tokens only
+        ids = torch.tensor([r.request.prompt + r.request.prompt[-1:] * (T - len(r.request.prompt)) for r in rows],
+                           device=dev)
+        pos = torch.arange(T, device=dev)
+        at = torch.tensor(lengths, device=dev) - 1
+        view = [(k[lo:hi], v[lo:hi]) for k, v in self._cache]
+        logits = self.module(ids, pos.expand(hi - lo, T), pos, None, kv_len=T, cache=view, logits_at=at)[:, -1]
+        seen = self._seen[lo:hi]
+        seen.zero_()
+        seen.scatter_(1, ids, True)
+        for r, L in zip(rows, lengths):
+            r.length = L
+        return logits
+
+    def _decode(self, n: int) -> Tensor:
+        """One token for rows 0..n-1 (each fed its last token at its own slot); logits [n,V]."""
+        rows, dev = self._rows[:n], self.module.device
+        ids = torch.tensor([[r.last] for r in rows], device=dev)
+        pos = torch.tensor([[r.length] for r in rows], device=dev)
+        kv_len = max(r.length for r in rows) + 1
+        view = [(k[:n], v[:n]) for k, v in self._cache]
+        logits = self.module(ids, pos, pos, None, kv_len=kv_len, cache=view)[:, -1]
+        for r in rows:
+            r.length += 1
+        return logits
+
+    def _pick(self, logits: Tensor, lo: int, hi: int) -> list[TokenEvent]:
+        """Sample one token for each of rows lo..hi-1 from ``logits [hi-lo, V]``; emit events."""
+        rows = self._rows[lo:hi]
+        tok, lp = self._sample(logits, rows, self._seen[lo:hi])
+        self._seen[torch.arange(lo, hi, device=tok.device), tok] = True
+        host_tok, host_lp = torch.stack([tok.double(), lp.double()]).tolist()
+        events = []
+        for row, t, l in zip(rows, host_tok, host_lp):
+            t = int(t)
+            row.produced += 1
+            row.last = t
+            full = row.produced >= row.request.params.max_new_tokens
+            reason = "stop" if t in self.eos else "length" if full else None
+            row.done = reason is not None
+            events.append(TokenEvent(row.request.id, t, l, reason))
+        return events
+
+    def _sample(self, logits: Tensor, rows: list[_Row], seen: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-row `sampling.sample`: tokens [n] and raw-logit logprobs [n]."""
+        dev, V = logits.device, logits.shape[-1]
+        logits = logits.float()
+        params = [r.sampling for r in rows]
+        scores = logits
+        penalty = [p.repetition_penalty for p in params]
+        if any(x != 1.0 for x in penalty):
+            scores = apply_repetition_penalty(scores, seen, torch.tensor(penalty, device=dev)[:, None])
+        ban = [r.produced < r.request.params.min_new_tokens for r in rows]
+        if self.eos and any(ban):
+            banned = torch.tensor(ban, device=dev)[:, None] & self._eos_cols[None, :]
+        else:
+            banned = None
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            tokens = (scores if banned is None else scores.masked_fill(banned, float("-inf"))).argmax(-1)
+        else:
+            s = scores
+            temps = [1.0 if p.greedy else p.temperature for p in params]
+            if any(t != 1.0 for t in temps):
+                s = s / torch.tensor(temps, device=dev)[:, None]
+            ks = [0 if p.greedy else min(p.top_k, V) for p in params]
+            if any(ks):
+                top = torch.topk(s, max(ks), dim=-1).values
+                kth = top.gather(1, (torch.tensor(ks, device=dev).clamp_min(1) - 1)[:, None])
+                kth = kth.masked_fill(torch.tensor(ks, device=dev)[:, None] == 0, float("-inf"))
+                s = s.masked_fill(s < kth, float("-inf"))
+            ps = [float("inf") if p.greedy or p.top_p >= 1.0 else p.top_p for p in params]
+            if any(x != float("inf") for x in ps):
+                s = top_p_filter(s, torch.tensor(ps, device=dev)[:, None])
+            if banned is not None:
+                s = s.masked_fill(banned, float("-inf"))
+            probs = s.softmax(-1)
+            race = torch.ones_like(probs)  # greedy rows keep ones: their race is unused
+            if any(not p.greedy and r.generator is None for p, r in zip(params, rows)):
+                race.exponential_(generator=self._shared_gen)
+            for j, r in enumerate(rows):
+                if r.generator is not None:
+                    race[j].exponential_(generator=r.generator)
+            tokens = (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(-1)
+            if any(greedy):  # on greedy rows s is the penalised logits (+ ban): no temperature or filters
+                tokens = torch.where(torch.tensor(greedy, device=dev), s.argmax(-1), tokens)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+        return tokens, logprobs
+
+    def _remove(self, indices: list[int]) -> None:
+        """Free rows ``indices``, keeping the rest compacted (the last row moves into a hole)."""
+        for i in sorted(indices, reverse=True):
+            last = len(self._rows) - 1
+            if i != last:
+                moved = self._rows[last]
+                L = moved.length
+                if L:
+                    for k, v in self._cache:
+                        k[i, :, :L].copy_(k[last, :, :L])
+                        v[i, :, :L].copy_(v[last, :, :L])
+                    self._seen[i].copy_(self._seen[last])
+                self._rows[i] = moved
+            self._rows.pop()
+
+
+def _sampling(p) -> SamplingParams:
+    return SamplingParams(
+        temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, repetition_penalty=p.repetition_penalty, seed=p.seed
+    )
