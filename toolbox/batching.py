@@ -79,9 +79,9 @@ class StaticBatcher:
             group = [first]
         ids = {r.id for r in group}
         self._waiting = deque(r for r in self._waiting if r.id not in ids)
-        self._group = group
         self._stream = self.model.generate_tokens([r.prompt for r in group], replace(first.params, n=1))
         self._steps = iter(self._stream)
+        self._group = group  # only once the group runs: a failed start leaves the batcher idle
 
     def step(self) -> list[TokenEvent]:
         if self._stream is None:

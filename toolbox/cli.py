@@ -22,6 +22,8 @@ COMMANDS = {
     "backends": "toolbox.commands.backends:backends",
     "generate": "toolbox.commands.generate:generate",
     "chat": "toolbox.commands.chat:chat",
+    "score": "toolbox.commands.score:score",
+    "serve": "toolbox.commands.serve:serve",
 }
 
 

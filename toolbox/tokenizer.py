@@ -153,7 +153,8 @@ class Tokenizer:
         if parse_special:
             batch = [[t.id for t in self.tokens(text, parse_special=True)] for text in texts]
         else:
-            batch = self.sp.encode(texts, num_threads=self.threads)
+            # sentencepiece's thread pool costs more than it saves on a single text
+            batch = self.sp.encode(texts, num_threads=self.threads if len(texts) > 1 else 1)
         if bos or eos:
             batch = [self._wrap(ids, bos, eos) for ids in batch]
         return batch

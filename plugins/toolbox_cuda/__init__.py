@@ -1,4 +1,17 @@
-"""Built-in backend `cuda`: the shared runtime on an NVIDIA GPU in float16 or bfloat16."""
+"""Built-in backend `cuda`: the shared runtime on an NVIDIA GPU in float16 or bfloat16.
+
+Weights go straight to the device: the module is built on the meta device and each
+checkpoint tensor is read from the memory-mapped safetensors file onto the GPU (or
+from a memory-mapped ``.bin``) and cast there, so the host never holds a copy.
+
+Decoding runs through `toolbox.runtime.graphs.GraphedDecoder`: a static KV cache, the
+decode step captured as a CUDA graph per batch size and attention span, sampling on
+the device. Options (``LoadOptions.extra``, or the environment for the CLI):
+``graphs`` / ``TOOLBOX_CUDA_GRAPHS`` (default on), ``compile`` / ``TOOLBOX_CUDA_COMPILE``
+(torch.compile the step before capture; default off: about 40 s per batch size),
+``kv_bucket`` / ``TOOLBOX_CUDA_KV_BUCKET`` (attention span granularity, default 256).
+See docs/gpu.md.
+"""
 
 from __future__ import annotations
 
@@ -25,22 +38,30 @@ def cuda_unavailable_reason() -> str | None:
 
 class CUDABackend(Backend):
     name = "cuda"
-    description = "PyTorch on an NVIDIA GPU (float16, bfloat16), static KV cache"
+    description = "PyTorch on an NVIDIA GPU (float16, bfloat16), static KV cache, CUDA-graph decode"
 
     def unavailable_reason(self) -> str | None:
         return cuda_unavailable_reason()
 
     def load(self, checkpoint: Path, options: LoadOptions):
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer, load_module, torch_dtype
+        from toolbox.runtime.graphs import decoder_options, fast_runtime_model
+        from toolbox.runtime.loaded import checkpoint_tokenizer, load_module, torch_dtype
 
         device = options.device or "cuda"
         if not device.startswith("cuda"):
             raise ToolboxError(f"the cuda backend needs a cuda device, not {device!r}")
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise ToolboxError(f"backend 'cuda' is not available ({reason})")
         dtype = torch_dtype(options.dtype or "float16", ("float16", "bfloat16", "float32"))
-        module = load_module(checkpoint, device, dtype)
-        info = {"backend": self.name, "device": device, "dtype": str(dtype).removeprefix("torch.")}
-        return RuntimeModel(module, checkpoint_tokenizer(checkpoint), info)
+        try:
+            opts = decoder_options(options.extra)
+        except ValueError as exc:
+            raise ToolboxError(str(exc)) from None
+        module = load_module(checkpoint, device, dtype)  # safetensors opened on the device
+        info = {"backend": self.name, "device": str(module.device), "dtype": str(dtype).removeprefix("torch.")}
+        return fast_runtime_model(module, checkpoint_tokenizer(checkpoint), info, opts)
 
 
 @hookimpl

@@ -2,18 +2,47 @@
 
 On the CPU, int8 uses torch's dynamic quantization (int8 weights and int8 matmuls
 with activations quantized on the fly), by far the fastest int8 path there. On CUDA,
-torchao's weight-only int8/int4 configs. torchao has no int4 CPU kernel for this
-torch, so int4 needs CUDA.
+torchao's weight-only configs on a bfloat16 model: int8 per output channel
+(``Int8WeightOnlyConfig``), int4 in groups of 128 along the input (``Int4WeightOnlyConfig``,
+tinygemm's ``tile_packed_to_4d`` packing, which runs on torch's own CUDA kernel and
+needs bfloat16 activations). torchao has no int4 CPU kernel for this torch, so int4
+needs CUDA.
+
+What gets quantized: every Linear, the output head ``embed_out`` included. With int4
+the head is int8 instead (it is 2.5 % of the 3.6B's weights and the layer where int4
+rounding costs the most accuracy); a Linear whose input width is not a multiple of
+the group size is int8 too. The input embedding, the LayerNorms and every bias stay in
+the activation dtype (bfloat16 on CUDA, float32 on the CPU): torchao adds the bias
+after the matmul in that dtype.
+
+On CUDA the backend decodes through CUDA graphs like `cuda` (`toolbox.runtime.graphs`);
+``compile`` defaults to on for int8: torchao's int8 weight-only matmul is a dequantize
+then a bf16 matmul in eager mode (slower than fp16), and only Inductor fuses the two
+into one kernel that reads the int8 weights once. int4 (tinygemm) is fused already.
+
+Quantized weights are cached (``quantized_cache_dir``), so a later start skips both the
+full-precision load and the quantization. ``LoadOptions.extra["quant_cache"]`` or
+``TOOLBOX_QUANT_CACHE``: ``1`` always, ``0`` never, ``auto`` (default) when the
+checkpoint's weight files hold at least 64 MiB (tiny test models are not cached).
+The cache lives in ``$TOOLBOX_CACHE/quantized`` (default ``$XDG_CACHE_HOME/toolbox``,
+else ``~/.cache/toolbox``), one directory per checkpoint, scheme and library versions.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 from toolbox.backend import Backend, LoadOptions
 from toolbox.hookspecs import hookimpl
 
 SCHEMES = ("int8", "int4")
+INT4_GROUP = 128
+CACHE_FORMAT = 1
+AUTO_CACHE_BYTES = 64 << 20
 
 
 def quantize_cpu_int8(module):
@@ -29,12 +58,257 @@ def quantize_cpu_int8(module):
 
 
 def quantize_cuda(module, scheme: str):
-    """Weight-only int8/int4 through torchao (imported only here: it costs seconds)."""
+    """Weight-only int8/int4 through torchao (imported only here: it costs seconds).
+
+    ``module`` must be bfloat16. int4: every Linear but the head whose input width is a
+    multiple of INT4_GROUP; the rest (the head included) int8. int8: every Linear.
+    """
+    import torch
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    config = Int8WeightOnlyConfig() if scheme == "int8" else Int4WeightOnlyConfig(group_size=128)
-    quantize_(module, config)
+    if module.dtype != torch.bfloat16:
+        raise ValueError(f"torchao weight-only quantization here expects a bfloat16 model, not {module.dtype}")
+    linears = {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
+    int4 = set()
+    if scheme == "int4":
+        int4 = {n for n, m in linears.items() if n != "embed_out" and m.in_features % INT4_GROUP == 0}
+        quantize_(
+            module,
+            Int4WeightOnlyConfig(group_size=INT4_GROUP, int4_packing_format="tile_packed_to_4d",
+                                 set_inductor_config=False),
+            filter_fn=lambda m, fqn: fqn in int4,
+        )
+    elif scheme != "int8":
+        raise ValueError(f"unknown scheme {scheme!r}")
+    rest = set(linears) - int4
+    quantize_(module, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=lambda m, fqn: fqn in rest)
     return module
+
+
+# --- the quantized-weight cache -------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$TOOLBOX_CACHE``, else ``$XDG_CACHE_HOME/toolbox``, else ``~/.cache/toolbox``."""
+    root = os.environ.get("TOOLBOX_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "toolbox"
+
+
+def _weight_files(checkpoint: Path) -> list[Path]:
+    from toolbox.runtime.weights import find_weight_files
+
+    return find_weight_files(checkpoint)
+
+
+def cache_key(checkpoint: Path, scheme: str, device_type: str) -> str:
+    """A hash of what the quantized weights depend on: the checkpoint's files (resolved
+    path, size, mtime), its config.json, the scheme and the library versions."""
+    import torch
+
+    parts = {
+        "format": CACHE_FORMAT,
+        "scheme": scheme,
+        "device": device_type,
+        "torch": torch.__version__,
+        "config": hashlib.sha256((Path(checkpoint) / "config.json").read_bytes()).hexdigest(),
+        "files": [],
+    }
+    for f in _weight_files(checkpoint):
+        st = f.stat()
+        parts["files"].append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    if device_type == "cuda":
+        import torchao
+
+        parts.update(torchao=torchao.__version__, cuda=torch.version.cuda, hip=getattr(torch.version, "hip", None),
+                     int4_group=INT4_GROUP)
+    else:
+        parts["engine"] = torch.backends.quantized.engine
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def quantized_cache_dir(checkpoint: Path, scheme: str, device_type: str) -> Path:
+    return cache_root() / "quantized" / cache_key(checkpoint, scheme, device_type)
+
+
+def cache_wanted(checkpoint: Path, extra: dict | None) -> bool:
+    value = (extra or {}).get("quant_cache", os.environ.get("TOOLBOX_QUANT_CACHE", "auto"))
+    value = str(value).strip().lower() if not isinstance(value, bool) else ("1" if value else "0")
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    try:
+        return sum(f.stat().st_size for f in _weight_files(checkpoint)) >= AUTO_CACHE_BYTES
+    except OSError:
+        return False
+
+
+def _write_atomically(target: Path, write) -> None:
+    """Run ``write(tmp_dir)``, then rename tmp_dir to ``target`` (another writer may win)."""
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # target exists (written meanwhile): keep that one
+            pass
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _source_info(checkpoint: Path, scheme: str, device_type: str) -> dict:
+    import torch
+
+    return {"checkpoint": str(Path(checkpoint).resolve()), "scheme": scheme, "device": device_type,
+            "torch": torch.__version__, "format": CACHE_FORMAT}
+
+
+def save_quantized(module, directory: Path, scheme: str, checkpoint: Path | None = None) -> None:
+    """Store a quantized module's state in ``directory`` (created atomically).
+
+    torch dynamic quantization (the CPU path): ``model.pt``, a plain ``torch.save`` of the
+    state dict (int8 tensors, scales, fp32 embedding/norms; read back with weights_only=True).
+    torchao (the CUDA path): ``model.safetensors`` through torchao's safetensors flattening
+    (tensor data plus JSON metadata; no pickle).
+    """
+    import torch
+
+    device_type = module.device.type
+    info = _source_info(checkpoint or Path("."), scheme, device_type)
+    dynamic = _is_dynamic_quantized(module)
+
+    def write(tmp: Path):
+        if dynamic:
+            torch.save(module.state_dict(), tmp / "model.pt")
+        else:
+            from safetensors.torch import save_file
+            from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+            import torchao
+
+            info["torchao"] = torchao.__version__
+            tensors, metadata = flatten_tensor_state_dict(_untied_state(module))
+            save_file(tensors, str(tmp / "model.safetensors"), metadata=metadata)
+        (tmp / "source.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+
+    _write_atomically(Path(directory), write)
+
+
+def _is_dynamic_quantized(module) -> bool:
+    """True for torch's dynamic quantized Linears (quantize_cpu_int8), False for torchao weights."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    return any(isinstance(m, nnqd.Linear) for m in module.modules())
+
+
+def _untied_state(module) -> dict:
+    """The state dict without a tied output head (safetensors refuses shared tensors)."""
+    state = module.state_dict()
+    if module.embed_out.weight is module.embed_in.weight:
+        state.pop("embed_out.weight", None)
+    return state
+
+
+def load_quantized(directory: Path, checkpoint: Path, device: str):
+    """Rebuild the quantized module saved by `save_quantized` (for ``checkpoint``'s config) on ``device``."""
+    import torch
+
+    from toolbox.runtime.config import NeoXConfig
+    from toolbox.runtime.model import GPTNeoX
+
+    config = NeoXConfig.from_dir(checkpoint)
+    directory = Path(directory)
+    with torch.device("meta"):
+        module = GPTNeoX(config)
+    module.requires_grad_(False)
+    dev = torch.device(device)
+    if (directory / "model.pt").is_file():  # torch dynamic quantization (CPU only)
+        if dev.type != "cpu":
+            raise ValueError(f"{directory}: CPU-quantized weights cannot be loaded on {dev}")
+        _int8_skeleton(module)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
+            state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+        module.load_state_dict(state, strict=True, assign=True)
+    else:
+        from safetensors import safe_open
+        from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+        from toolbox.runtime.weights import _device_arg
+
+        with safe_open(str(directory / "model.safetensors"), framework="pt", device=_device_arg(dev)) as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        state, leftover = unflatten_tensor_state_dict(tensors, metadata)
+        if leftover:
+            raise ValueError(f"{directory}: unexpected tensors {sorted(leftover)[:3]}")
+        tied = "embed_out.weight" not in state
+        module.load_state_dict(state, strict=not tied, assign=True)
+        if tied:
+            module.embed_out.weight = module.embed_in.weight
+    module._init_rotary(dev)
+    return module.eval()
+
+
+def _int8_skeleton(module) -> None:
+    """Replace every nn.Linear by an empty dynamically quantized one (weights come from a state dict).
+
+    Built at 1x1 and given the real feature counts: loading the state dict packs the real
+    weights, so packing a full-size placeholder first would be wasted work.
+    """
+    import torch
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear:
+                q = nnqd.Linear(1, 1, bias_=child.bias is not None, dtype=torch.qint8)
+                q.in_features, q.out_features = child.in_features, child.out_features
+                setattr(parent, name, q)
+
+
+def load_or_quantize(checkpoint: Path, scheme: str, device: str, use_cache: bool):
+    """The quantized module, from the cache when there; returns ``(module, cache_status)``.
+
+    cache_status: "hit", "written", "off", or "error: ..." (a failed write never fails the load).
+    """
+    import torch
+
+    from toolbox.runtime.loaded import load_module
+
+    device_type = torch.device(device).type
+    directory = quantized_cache_dir(checkpoint, scheme, device_type) if use_cache else None
+    if directory is not None and (directory / "source.json").is_file():
+        try:
+            return load_quantized(directory, checkpoint, device), "hit"
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry: quantize again
+            print(f"toolbox: ignoring the quantized-weight cache {directory}: {exc}", file=sys.stderr)
+    if device_type == "cpu":
+        module = quantize_cpu_int8(load_module(checkpoint, "cpu", torch.float32))
+    else:
+        module = quantize_cuda(load_module(checkpoint, device, torch.bfloat16), scheme)
+    if directory is None:
+        return module, "off"
+    try:
+        if directory.exists():
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        save_quantized(module, directory, scheme, checkpoint)
+        return module, "written"
+    except Exception as exc:  # noqa: BLE001
+        print(f"toolbox: could not write the quantized-weight cache {directory}: {exc}", file=sys.stderr)
+        return module, f"error: {exc}"
 
 
 class QuantBackend(Backend):
@@ -45,7 +319,7 @@ class QuantBackend(Backend):
         import torch
 
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer, load_module
+        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer
 
         scheme = options.dtype or "int8"
         if scheme not in SCHEMES:
@@ -56,13 +330,27 @@ class QuantBackend(Backend):
                 raise ToolboxError("int4 needs CUDA: torchao has no int4 CPU kernel for this torch build")
             if options.threads:
                 torch.set_num_threads(options.threads)
-            module = quantize_cpu_int8(load_module(checkpoint, "cpu", torch.float32))
         elif device.startswith("cuda"):
-            module = quantize_cuda(load_module(checkpoint, device, torch.bfloat16), scheme)
+            if not torch.cuda.is_available():
+                raise ToolboxError(f"the quant backend cannot use {device!r}: no usable CUDA device")
         else:
             raise ToolboxError(f"the quant backend runs on cpu or cuda, not {device!r}")
-        info = {"backend": self.name, "device": device, "dtype": scheme}
-        return RuntimeModel(module, checkpoint_tokenizer(checkpoint), info)
+        try:
+            use_cache = cache_wanted(checkpoint, options.extra)
+            module, cached = load_or_quantize(checkpoint, scheme, device, use_cache)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ToolboxError(f"cannot load {checkpoint}: {exc}") from None
+        info = {"backend": self.name, "device": device, "dtype": scheme, "quantized_cache": cached}
+        tokenizer = checkpoint_tokenizer(checkpoint)
+        if device == "cpu":
+            return RuntimeModel(module, tokenizer, info)
+        from toolbox.runtime.graphs import decoder_options, fast_runtime_model
+
+        try:
+            opts = decoder_options(options.extra, default_compile=scheme == "int8")
+        except ValueError as exc:
+            raise ToolboxError(str(exc)) from None
+        return fast_runtime_model(module, tokenizer, info, opts)
 
 
 @hookimpl

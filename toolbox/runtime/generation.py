@@ -282,13 +282,13 @@ def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> 
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``.
 
-    The logits are made in row chunks: on the CPU about 4 MiB of fp32 at a time, so that
-    log-softmax and the rank count run while the chunk is still in cache (several times
-    faster than over the whole ``[N,V]`` block); on CUDA up to 256 MiB (bounded memory,
-    few launches).
+    The logits are made in row chunks: on the CPU 8 MiB of fp32 at a time, so that
+    log-softmax and the rank count read them while they are still in cache (several
+    times faster than over the whole ``[N,V]`` block, and few enough operations that
+    threads rarely wait on each other); on CUDA up to 256 MiB (bounded memory, few launches).
     """
     n = hidden.shape[0]
-    step = max(1, (1 << 26 if hidden.is_cuda else 1 << 20) // vocab)
+    step = max(1, (1 << 26 if hidden.is_cuda else 1 << 21) // vocab)
     lps, ranks = [], []
     for c in range(0, n, step):
         logits = head(hidden[c : c + step]).float()

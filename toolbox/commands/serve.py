@@ -1,0 +1,109 @@
+"""`toolbox serve`: an HTTP inference server for one model (Azure ML contract + OpenAI-compatible API)."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import sys
+import threading
+
+import click
+
+from toolbox.commands.options import backend_options, load_options, model_options
+from toolbox.errors import ToolboxError
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind; anything but loopback exposes the server to the network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True, help="TCP port.")
+@click.option("--api-key", envvar="TOOLBOX_API_KEY", default=None, metavar="KEY",
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health [env TOOLBOX_API_KEY].")
+@click.option("--served-model-name", default=None, metavar="NAME",
+              help="The model's name in the API (default: the registry id, else the --model value).")
+@click.option("--max-batch-size", type=click.IntRange(1, 4096), default=16, show_default=True,
+              help="Sequences generated together in one batch.")
+@click.option("--max-queue", type=click.IntRange(0), default=128, show_default=True,
+              help="Sequences that may wait for the batch; beyond that requests get 429 with Retry-After.")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="On SIGTERM, seconds to let in-flight requests finish before they are cut off.")
+@click.option("--root-path", default="", help="URL prefix when a reverse proxy mounts the server under a sub-path.")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True, help="Server log level.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
+@backend_options
+@model_options
+def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout, root_path, log_level,
+          access_log, backend, device, dtype, threads, model, revision):
+    """Serve the model over HTTP: Azure ML /score, OpenAI /v1/completions and /v1/chat/completions.
+
+    Also /v1/models, /tokenize, /detokenize, /health (503 until the model is loaded)
+    and /metrics (Prometheus). Concurrent requests are batched. The model loads in
+    the background while the port is already open. SIGTERM stops accepting
+    connections, lets in-flight requests finish (at most --shutdown-timeout
+    seconds) and exits 0. See docs/serve.md.
+
+    \b
+    Examples:
+      toolbox serve                                  # embedded model on 127.0.0.1:8000
+      toolbox serve -m sft --api-key "$KEY" --host 0.0.0.0 --port 8080
+      curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"prompt": "吾輩は猫である。", "max_tokens": 32}'
+    """
+    from toolbox.backend import pick_backend
+    from toolbox.checkpoints import parse_model
+
+    parse_model(model, revision)  # unknown names fail here, before the port opens
+    pick_backend(backend)
+    if not _loopback(host) and not api_key:
+        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
+
+    try:
+        import uvicorn
+
+        from toolbox.serving.app import Settings, create_app
+    except ImportError as exc:
+        raise ToolboxError(f"toolbox serve needs fastapi, uvicorn and prometheus_client ({exc})") from None
+    from toolbox.loader import load
+
+    settings = Settings(served_model_name=served_model_name, api_key=api_key or None, max_batch_size=max_batch_size,
+                        max_queue=max_queue, shutdown_timeout=shutdown_timeout)
+    app = create_app(None, settings)
+    state = app.state.server
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            root_path=root_path, lifespan="on", timeout_graceful_shutdown=shutdown_timeout)
+    server = uvicorn.Server(config)
+    failure: list[BaseException] = []
+
+    def load_model():
+        try:
+            loaded = load(model, revision, backend, load_options(device, dtype, threads))
+            state.attach(loaded)
+            click.echo(f"toolbox serve: {state.name} loaded on {loaded.backend}; ready", err=True)
+        except BaseException as exc:  # noqa: BLE001 - reported after the server stops
+            failure.append(exc)
+            state.failed(exc)
+            server.should_exit = True
+
+    threading.Thread(target=load_model, name="toolbox-load", daemon=True).start()
+    # uvicorn re-raises the signal that stopped it once it has shut down gracefully; with this
+    # handler in place SIGTERM ends in a normal return (exit 0) instead of death by signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if failure:
+        exc = failure[0]
+        raise ToolboxError(f"cannot serve: {exc.format_message() if isinstance(exc, ToolboxError) else exc}")

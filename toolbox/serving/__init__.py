@@ -1,0 +1,1 @@
+"""`toolbox serve`: the HTTP inference server (FastAPI app, engine thread, schemas, metrics)."""

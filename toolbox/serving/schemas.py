@@ -1,0 +1,366 @@
+"""Request and response models of the server, and its error bodies.
+
+Request models are strict (a string is not a number, 1 is not true) and name the
+offending field in every error. Unknown fields are ignored in the OpenAI requests
+(clients send vendor extras) and refused in the Azure `parameters` (they would be
+generation settings that silently do nothing). Every client mistake becomes
+`APIError`, answered as OpenAI's `{"error": {"message", "type", "param", "code"}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+
+INT64 = dict(ge=-(2**63), le=2**63 - 1)
+
+
+class APIError(Exception):
+    """A request the server will not serve: status, message and the field at fault."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def param_path(loc) -> str:
+    """A pydantic location as a field path: ("messages", 0, "role") -> "messages[0].role"."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def invalid(exc: ValidationError, prefix: tuple = ()) -> APIError:
+    """The first validation error as a 400 naming its field."""
+    err = exc.errors(include_url=False)[0]
+    param = param_path((*prefix, *err["loc"])) or "body"
+    kind, msg = err["type"], err["msg"]
+    if kind == "missing":
+        msg, code = "required field is missing", "missing_field"
+    elif kind == "extra_forbidden":
+        msg, code = "unknown field", "unknown_field"
+    elif kind.endswith("_type") or kind in ("literal_error", "bool_parsing", "int_parsing", "float_parsing"):
+        code = "invalid_type"
+    else:
+        code = "invalid_value"
+    msg = msg.removeprefix("Value error, ")
+    return APIError(400, f"{param}: {msg}", param=param, code=code)
+
+
+def validate(model: type[BaseModel], data: Any, prefix: tuple = ()):
+    """`model.model_validate(data)`, with errors as APIError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc, prefix) from None
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+# -- errors -----------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, rate_limit_error or server_error")
+    param: str | None = Field(None, description="The request field at fault, e.g. `max_tokens` or `messages[1].role`.")
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# -- OpenAI: completions ----------------------------------------------------------
+
+
+class StreamOptions(Request):
+    include_usage: bool | None = Field(None, description="Send a last chunk with the usage (and no choices).")
+
+
+def _stop_list(v, handler):
+    if v is None:
+        return None
+    if isinstance(v, str):
+        return [v]
+    try:
+        return handler(v)
+    except ValidationError:
+        raise ValueError("must be a string or a list of at most 16 strings") from None
+
+
+class SamplingFields(Request):
+    """Fields shared by completions and chat completions."""
+
+    model: str | None = Field(None, description="A name from /v1/models (optional: the served model).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default 1 (OpenAI's); 0 = greedy.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Default 1 (OpenAI's).")
+    n: int | None = Field(None, ge=1, le=64, description="Choices per prompt (default 1).")
+    stop: Union[str, list[str], None] = Field(None, description="Up to 16 stop strings; the text is cut before them.")
+    seed: int | None = Field(None, **INT64, description="Reproducible sampling; choice k uses seed + k.")
+    stream: bool | None = Field(None, description="Stream Server-Sent Events in OpenAI's chunk format.")
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
+    logit_bias: dict[str, float] | None = Field(None, description="Only an empty map is supported.")
+    user: str | None = None
+    # extensions (as in vLLM)
+    top_k: int | None = Field(None, ge=0, description="Extension: sample among the k most likely tokens (0 = off).")
+    repetition_penalty: float | None = Field(
+        None, gt=0, le=10, description="Extension: transformers' repetition penalty (default: the registry's)."
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="Extension: end-of-sequence is held off until this many tokens (default: the registry's)."
+    )
+    return_token_ids: bool | None = Field(None, description="Extension: add `token_ids` (and `prompt_token_ids`) to each choice.")
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _stop(cls, v, handler):
+        out = _stop_list(v, handler)
+        if out is not None and len(out) > 16:
+            raise ValueError("must be a string or a list of at most 16 strings")
+        return out
+
+
+PROMPT_ERROR = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="Text, texts, token ids, or lists of token ids (not wrapped in any template)."
+    )
+    max_tokens: int | None = Field(
+        None, ge=0, description="Default 16 (OpenAI's), lowered to fit the context; 0 only with echo."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return token log-probabilities (top_logprobs is null: not supported)."
+    )
+    echo: bool | None = Field(None, description="Prepend the prompt to the text (with its logprobs when asked).")
+    best_of: int | None = Field(None, ge=1, le=64, description="Only best_of == n is supported.")
+    suffix: str | None = Field(None, description="Not supported (must be null).")
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _prompt(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(PROMPT_ERROR) from None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(description="Token texts; an incomplete UTF-8 sequence shows as `bytes:\\xNN...`.")
+    token_logprobs: list[float | None] = Field(description="Natural-log probability; null for the first prompt token.")
+    top_logprobs: None = Field(None, description="Not supported: always null.")
+    text_offset: list[int] = Field(description="Character offset of each token in `text`.")
+
+
+class CompletionChoice(BaseModel):
+    index: int = Field(description="prompt_index * n + sample_index")
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = Field(None, description="With return_token_ids: the generated ids.")
+    prompt_token_ids: list[int] | None = Field(None, description="With return_token_ids: the prompt ids.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = Field(None, description="In streams: only in the last chunk, with include_usage.")
+
+
+# -- OpenAI: chat -----------------------------------------------------------------
+
+
+class TextPart(Request):
+    type: Literal["text"]
+    text: str
+
+
+CONTENT_ERROR = "must be a string or a list of {\"type\": \"text\", \"text\": ...} parts"
+
+
+class ChatMessage(Request):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="user and assistant map to the template's ユーザー and システム; system (and developer) "
+        "text is put in front of the first user message."
+    )
+    content: Union[str, list[TextPart]]
+    name: str | None = Field(None, description="Ignored.")
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _content(cls, v, handler):
+        try:
+            return handler(v)
+        except ValidationError:
+            raise ValueError(CONTENT_ERROR) from None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(
+        None, ge=1, description="Default: the registry's max new tokens, lowered to fit the context."
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
+    logprobs: bool | None = Field(None, description="Return the log-probability of each generated token.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="Accepted; top_logprobs lists are empty.")
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list = Field(default_factory=list, description="Always empty (not supported).")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: ChatLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# -- models -------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    root: str = Field(description="What --model named (registry id, hub id or directory).")
+    max_model_len: int = Field(description="The context length in tokens (prompt + completion).")
+    aliases: list[str] = Field(default_factory=list, description="Other names accepted in `model`.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# -- Azure ML -----------------------------------------------------------------------
+
+
+class AzureParameters(Request):
+    """Generation settings of the Azure ML contract (transformers' names); unknown names are refused."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Default: the registry's; capped by the context.")
+    min_new_tokens: int | None = Field(None, ge=0)
+    do_sample: bool | None = Field(None, description="Default: the registry's (true); false = greedy.")
+    return_full_text: bool | None = Field(None, description="Prompt + continuation (default true, as in transformers).")
+    temperature: float | None = Field(None, gt=0, le=100)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, **INT64)
+
+
+class AzureInput(Request):
+    input_string: list[str] = Field(min_length=1)
+    parameters: AzureParameters | None = None
+
+
+class AzureRequest(BaseModel):
+    """`{"input_data": {"input_string": [...], "parameters": {...}}}` or `{"input_data": [...], "params": {...}}`."""
+
+    input_data: Union[AzureInput, list[str]]
+    params: AzureParameters | None = None
+
+
+class AzureStrings(RootModel):
+    root: list[str] = Field(min_length=1)
+
+
+class AzureResponse(RootModel):
+    """One object per input, the text under key "0"."""
+
+    root: list[dict[str, str]]
+
+
+# -- tokenizer ------------------------------------------------------------------------
+
+
+class TokenizeRequest(Request):
+    text: str
+    model: str | None = None
+    bos: bool = Field(False, description="Prepend <s>.")
+    eos: bool = Field(False, description="Append </s>.")
+    parse_special: bool = Field(False, description="Read literal `</s>`, `<s>` ... in the text as special tokens.")
+    nl: bool = Field(False, description="Newlines become <NL> first (the instruction models' convention).")
+
+
+class TokenizeResponse(BaseModel):
+    ids: list[int]
+    pieces: list[str]
+    offsets: list[tuple[int, int]] = Field(description="[start, end) character span of each token in `text`.")
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(Request):
+    ids: list[int] | None = Field(None, description="Token ids (give ids or pieces).")
+    pieces: list[str] | None = Field(None, description="Pieces such as `▁` or `<0xE3>` (give ids or pieces).")
+    model: str | None = None
+    nl: bool = Field(False, description="<NL> becomes a newline.")
+
+
+class DetokenizeResponse(BaseModel):
+    text: str
+    ids: list[int]
+    pieces: list[str]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "loading", "failed", "stopping"]
+    model: str | None = None
