@@ -7,12 +7,16 @@ waiting for the chunk to fill: a file is processed in large batches, while
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import BinaryIO
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from typing import BinaryIO, TypeVar
 
 from toolbox.errors import ToolboxError
 
 CHUNK = 1 << 20
+T = TypeVar("T")
+_END = object()
 
 
 def decode_line(raw: bytes, lineno: int, errors: str, source: str = "stdin") -> str:
@@ -89,3 +93,25 @@ class Output:
         if lines:
             self._stream.write(("\n".join(lines) + "\n").encode("utf-8"))
             self._stream.flush()
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Yield `items`, produced in a background thread up to `depth` ahead; its errors re-raise here."""
+    ready: queue.Queue = queue.Queue(depth)
+
+    def produce():
+        try:
+            for item in items:
+                ready.put((item, None))
+            ready.put((_END, None))
+        except BaseException as exc:  # handed to the consumer, raised in its thread
+            ready.put((_END, exc))
+
+    threading.Thread(target=produce, daemon=True).start()
+    while True:
+        item, error = ready.get()
+        if item is _END:
+            if error is not None:
+                raise error
+            return
+        yield item

@@ -15,7 +15,7 @@ from toolbox.commands.options import (
     stdout_bytes,
 )
 from toolbox.prompts import NL, to_model_text
-from toolbox.textio import Output, iter_line_batches, read_whole
+from toolbox.textio import Output, iter_line_batches, prefetch, read_whole
 
 
 @click.command()
@@ -51,47 +51,46 @@ def tokenize(text, fmt, as_json, whole, bos, eos, parse_special, nl, errors, mod
       printf '質問\\n答え' | toolbox tokenize --whole --nl
     """
     tok = load_tokenizer(model, revision)
-    fmt = "json" if as_json else fmt
-    render = _renderer(tok, fmt, bos=bos, eos=eos, parse_special=parse_special, nl=nl)
+    encode, render = _stages(tok, "json" if as_json else fmt, bos=bos, eos=eos, parse_special=parse_special, nl=nl)
     out = Output(stdout_bytes())
     if text is not None:
-        out.write_lines(render([text]))
+        out.write_lines(render(encode([text])))
     elif whole:
-        out.write_lines(render([read_whole(stdin_bytes(), errors)]))
+        out.write_lines(render(encode([read_whole(stdin_bytes(), errors)])))
     else:
-        for batch in iter_line_batches(stdin_bytes(), errors):
-            out.write_lines(render([line for _, line in batch]))
+        # Reading and encoding run a batch ahead in a thread (sentencepiece releases the
+        # GIL), while this thread formats and writes: each batch still goes out at once.
+        batches = iter_line_batches(stdin_bytes(), errors)
+        for encoded in prefetch(encode([line for _, line in batch]) for batch in batches):
+            out.write_lines(render(encoded))
 
 
-def _renderer(tok, fmt, *, bos, eos, parse_special, nl):
-    """A function from a batch of input texts to their output lines."""
+def _stages(tok, fmt, *, bos, eos, parse_special, nl):
+    """Two functions: a batch of input texts -> encodings, and encodings -> output lines."""
     if fmt == "json":
-        return lambda texts: [_json_line(tok, t, bos, eos, parse_special, nl) for t in texts]
-    if fmt == "ids":
-        names = [str(i) for i in range(tok.vocab_size)]
-    else:
-        names = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
+        def encode(texts):
+            return [_json_record(tok, t, bos, eos, parse_special, nl) for t in texts]
 
-    def render(texts):
+        return encode, lambda records: [json.dumps(r, ensure_ascii=False) for r in records]
+
+    names = [str(i) if fmt == "ids" else tok.id_to_piece(i) for i in range(tok.vocab_size)]
+
+    def encode(texts):
         if nl:
             texts = [to_model_text(t) for t in texts]
-        batch = tok.encode_batch(texts, bos=bos, eos=eos, parse_special=parse_special)
-        return [" ".join([names[i] for i in ids]) for ids in batch]
+        return tok.encode_batch(texts, bos=bos, eos=eos, parse_special=parse_special)
 
-    return render
+    return encode, lambda batch: [" ".join([names[i] for i in ids]) for ids in batch]
 
 
-def _json_line(tok, text, bos, eos, parse_special, nl) -> str:
+def _json_record(tok, text, bos, eos, parse_special, nl) -> dict:
     tokens = tok.tokens(to_model_text(text) if nl else text, bos=bos, eos=eos, parse_special=parse_special)
     to_byte = _byte_offsets(text, nl)
-    return json.dumps(
-        {
-            "ids": [t.id for t in tokens],
-            "pieces": [t.piece for t in tokens],
-            "spans": [[to_byte[t.start], to_byte[t.end]] for t in tokens],
-        },
-        ensure_ascii=False,
-    )
+    return {
+        "ids": [t.id for t in tokens],
+        "pieces": [t.piece for t in tokens],
+        "spans": [[to_byte[t.start], to_byte[t.end]] for t in tokens],
+    }
 
 
 def _byte_offsets(text: str, nl: bool) -> list[int]:
