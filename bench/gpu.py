@@ -308,7 +308,7 @@ def prompts_for(batch, length, vocab, seed=0, ragged=False):
     return out
 
 
-def run_generation(b: Bench, module, prompts, n, decode_fn, sampling=None, record=None):
+def run_generation(b: Bench, module, prompts, n, decode_fn, sampling=None):
     """Time one forced-length generation; returns (seconds, first-token seconds, tokens by seq)."""
     from toolbox.runtime.generation import Generation
 
@@ -382,7 +382,7 @@ def measure_bandwidth(b: Bench):
 
 
 def build_models(b: Bench, state: dict):
-    from toolbox.runtime.loaded import module_bytes
+    from toolbox.runtime.loaded import weight_bytes
 
     torch = b.torch
     dtype = getattr(torch, b.plan.dtype)
@@ -392,7 +392,7 @@ def build_models(b: Bench, state: dict):
     state.update(hf=hf, ours=ours)
     b.result["build_s"] = round(b.now() - t0, 2)
     b.result["parameters"] = sum(p.numel() for p in ours.parameters())
-    b.result["weight_bytes"] = module_bytes(ours)
+    b.result["weight_bytes"] = weight_bytes(ours)
     if b.result["bandwidth_gbs"]:
         b.result["roofline_tokens_per_s"] = round(b.result["bandwidth_gbs"] * 1e9 / b.result["weight_bytes"], 1)
 
@@ -421,7 +421,8 @@ def ours_fp16(b: Bench, state: dict, compile: bool, batches):
         prompts = prompts_for(batch, b.plan.prompt_len, vocab)
         rate, info = decode_rate(b, ours, prompts, b.plan.new_tokens, dec, b.plan.repeats)
         r = b.row(f"ours {short} {label} b{batch}", batch, rate, state.get("baseline", {}).get(batch),
-                  captures=dec.captures, compiled=dec.compiled, compile_error=dec.compile_error, **info)
+                  captures=dec.captures, compiled=dec.compiled, compile_error=dec.compile_error,
+                  capture_error=dec.capture_error, **info)
         state.setdefault("fp16", {})[(batch, compile)] = rate
         print(f"   {r['name']}: {r['ours_tokens_per_s']} tokens/s ({r['pct_roofline']} % of roofline)", flush=True)
         if batch == 1 and not compile:
@@ -508,7 +509,7 @@ def scoring(b: Bench, state: dict):
 def quant(b: Bench, state: dict, scheme: str, compile: bool):
     import toolbox_quant
     from toolbox.runtime.graphs import GraphedDecoder
-    from toolbox.runtime.loaded import module_bytes
+    from toolbox.runtime.loaded import weight_bytes
 
     torch = b.torch
     ours, vocab = state["ours"], b.plan.shape["vocab_size"]
@@ -531,12 +532,13 @@ def quant(b: Bench, state: dict, scheme: str, compile: bool):
     else:
         dec, label = GraphedDecoder(qm, compile=compile), ("graphs+compile" if compile else "graphs")
     rate, info = decode_rate(b, qm, prompts, b.plan.new_tokens, dec, b.plan.repeats)
-    wb = module_bytes(qm)
+    wb = weight_bytes(qm)
     fp16 = state.get("fp16", {})
     best16 = max((v for (bb, _), v in fp16.items() if bb == 1 and v), default=None)
     r = b.row(f"quant {scheme} {label} b1", 1, rate, state.get("baseline", {}).get(1), weight_bytes=wb,
               weight_bytes_quantized=wb, vs_ours_fp16_b1=_round(rate / best16, 2) if rate and best16 else None,
-              compiled=getattr(dec, "compiled", False), compile_error=getattr(dec, "compile_error", None), **info)
+              compiled=getattr(dec, "compiled", False), compile_error=getattr(dec, "compile_error", None),
+              capture_error=getattr(dec, "capture_error", None), **info)
     state.setdefault("quant", {})[(scheme, compile)] = rate
     print(f"   {r['name']}: {r['ours_tokens_per_s']} tokens/s, x{r['vs_ours_fp16_b1']} our fp16 b1", flush=True)
     qm.drop_cache()
@@ -565,7 +567,7 @@ def parity(b: Bench, state: dict, compile: bool = False):
             out[f"fp32_tokens_{tag}_{name}_penalty{penalty}"] = {
                 "identical": got == ref, "tokens": n, "distinct_tokens": len(set(ref[0])),
                 "first_difference": _first_diff(got, ref), "compiled": dec.compiled,
-                "compile_error": dec.compile_error,
+                "compile_error": dec.compile_error, "capture_error": dec.capture_error, "captures": dec.captures,
             }
             m32.drop_cache()
     if compile:
@@ -577,16 +579,19 @@ def parity(b: Bench, state: dict, compile: bool = False):
     ref32 = _decode_logits(b, m32, prompts, None, 32)
     eager16 = _decode_logits(b, m16, prompts, None, 32)
     fast16 = _decode_logits(b, m16, prompts, GraphedDecoder(m16), 32)
-    k = _agreeing_steps(ref32, eager16, fast16)
-    e = torch.stack(eager16[:k]).float()
-    f = torch.stack(fast16[:k]).float()
-    r = torch.stack(ref32[:k]).float()
-    scale = r.abs().max().item()
+    k = _agreeing_steps(eager16, fast16)  # the two low-precision paths, as long as they agree
+    k32 = _agreeing_steps(ref32, eager16, fast16)  # and against fp32 (low precision drifts off sooner)
+
+    def rel(a, b, n):
+        a, b = torch.stack(a[:n]).float(), torch.stack(b[:n]).float()
+        return (a - b).abs().max().item() / b.abs().max().item()
+
     out[f"{str(low).removeprefix('torch.')}_logits"] = {
         "steps_compared": k,
-        "fast_vs_eager_rel": (f - e).abs().max().item() / scale,
-        "eager_vs_fp32_rel": (e - r).abs().max().item() / scale,
-        "fast_vs_fp32_rel": (f - r).abs().max().item() / scale,
+        "fast_vs_eager_rel": rel(fast16, eager16, k),
+        "steps_compared_with_fp32": k32,
+        "eager_vs_fp32_rel": rel(eager16, ref32, k32),
+        "fast_vs_fp32_rel": rel(fast16, ref32, k32),
     }
     del m16, m32, hf32
     b.free()

@@ -143,3 +143,14 @@ def test_score_matches_transformers(models):
         ref = logits.log_softmax(-1).gather(1, torch.tensor(seq[1:])[:, None]).squeeze(1)
         assert abs(lp.sum().item() - ref.sum().item()) <= 1e-5 * abs(ref.sum().item())
         torch.testing.assert_close(lp, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.2, seed=5)])
+def test_lookahead_pipelining_gives_the_same_stream(models, sampling):
+    """The CUDA path queues step t+1 before reading step t: the tokens must not change."""
+    _, ours = models
+    prompts = [_prompt(5, 11), _prompt(8, 12)]
+    kw = dict(max_new_tokens=20, min_new_tokens=3, sampling=sampling, eos_token_ids=[EOS], n=2)
+    plain = _run(generate(ours, prompts, lookahead=False, **kw))
+    ahead = _run(generate(ours, prompts, lookahead=True, **kw))
+    assert plain == ahead

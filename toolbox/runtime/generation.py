@@ -56,6 +56,7 @@ class Generation:
         eos_token_ids: Sequence[int] = (),
         n: int = 1,
         decode_fn: DecodeFn | None = None,
+        lookahead: bool | None = None,
     ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -75,6 +76,7 @@ class Generation:
         self.max_new_tokens, self.min_new_tokens = max_new_tokens, min_new_tokens
         self.sampling, self.eos = sampling, set(eos_token_ids)
         self.decode_fn = decode_fn or (lambda ids, pos, slot, mask, kv_len: model(ids, pos, slot, mask, kv_len=kv_len))
+        self.lookahead = model.device.type == "cuda" if lookahead is None else lookahead
         self._cancelled: set[int] = set()
         self._started = False
 
@@ -118,14 +120,44 @@ class Generation:
             else:
                 gen.manual_seed(params.seed)
             logits = m(ids, input_pos, torch.arange(L, device=dev), key_mask, kv_len=L, last_only=True)[:, -1]
-            pos = torch.tensor([len(r) for r in rows], device=dev)[:, None]
+            pos0 = torch.tensor([len(r) for r in rows], device=dev)[:, None]
+            slots = torch.arange(L, L + self.max_new_tokens, device=dev)  # decode slots, never uploaded per step
+            pinned = dev.type == "cuda"
+            if pinned:  # two host buffers: step t+1's copy lands while step t's is read
+                bufs = [torch.empty(2, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
+
+        def launch(step: int, logits: Tensor):
+            """Sample at ``step`` and start copying (token, logprob) to the host, without waiting."""
+            tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None)
+            both = torch.stack([tok.double(), lp.double()])
+            if not pinned:
+                return tok, both, None
+            host = bufs[step % 2]
+            host.copy_(both, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            return tok, host, done
+
+        def advance(step: int, tok: Tensor) -> Tensor:
+            """Feed the tokens sampled at ``step``: the logits for ``step + 1``."""
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            slot = L + step
+            return self.decode_fn(tok[:, None], pos0 + step, slots[step : step + 1], key_mask, slot + 1)[:, -1]
 
         running = [True] * B
+        with torch.inference_mode():
+            cur = launch(0, logits)
         for step in range(self.max_new_tokens):
-            with torch.inference_mode():
-                tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None)
-                host_tok, host_lp = torch.stack([tok.double(), lp.double()]).tolist()
             last = step == self.max_new_tokens - 1
+            nxt = None
+            if self.lookahead and not last:
+                # queue step + 1 on the device before waiting for this step's tokens
+                with torch.inference_mode():
+                    nxt = launch(step + 1, advance(step, cur[0]))
+            if cur[2] is not None:
+                cur[2].synchronize()
+            host_tok, host_lp = cur[1].tolist()
             out = []
             for i in range(B):
                 if not running[i] or i in self._cancelled:
@@ -141,13 +173,10 @@ class Generation:
             running = [r and i not in self._cancelled for i, r in enumerate(running)]
             if not any(running):
                 return
-            with torch.inference_mode():
-                if seen is not None:
-                    seen.scatter_(1, tok[:, None], True)
-                slot = L + step
-                cache_pos = torch.tensor([slot], device=dev)
-                logits = self.decode_fn(tok[:, None], pos, cache_pos, key_mask, slot + 1)[:, -1]
-                pos = pos + 1
+            if nxt is None:
+                with torch.inference_mode():
+                    nxt = launch(step + 1, advance(step, cur[0]))
+            cur = nxt
 
 
 def generate(
@@ -160,6 +189,7 @@ def generate(
     eos_token_ids: Sequence[int] = (),
     n: int = 1,
     decode_fn: DecodeFn | None = None,
+    lookahead: bool | None = None,
 ) -> Generation:
     """Generate from a batch of token-id prompts; iterate the result for :class:`Step` s.
 
@@ -172,7 +202,7 @@ def generate(
     """
     return Generation(
         model, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        sampling=sampling, eos_token_ids=eos_token_ids, n=n, decode_fn=decode_fn,
+        sampling=sampling, eos_token_ids=eos_token_ids, n=n, decode_fn=decode_fn, lookahead=lookahead,
     )
 
 
@@ -282,13 +312,13 @@ def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> 
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
     """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``.
 
-    The logits are made in row chunks: on the CPU 8 MiB of fp32 at a time, so that
+    The logits are made in row chunks: on the CPU 16 MiB of fp32 at a time, so that
     log-softmax and the rank count read them while they are still in cache (several
     times faster than over the whole ``[N,V]`` block, and few enough operations that
     threads rarely wait on each other); on CUDA up to 256 MiB (bounded memory, few launches).
     """
     n = hidden.shape[0]
-    step = max(1, (1 << 26 if hidden.is_cuda else 1 << 21) // vocab)
+    step = max(1, (1 << 26 if hidden.is_cuda else 1 << 22) // vocab)
     lps, ranks = [], []
     for c in range(0, n, step):
         logits = head(hidden[c : c + step]).float()

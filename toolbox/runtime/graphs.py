@@ -9,7 +9,8 @@ On CUDA each call copies its inputs into static device buffers and replays a gra
 captured once per (batch size, attention span): one launch instead of a few hundred
 kernel launches from Python per layer. Graphs are captured lazily, after a warm-up on
 a side stream, into one shared memory pool, and dropped when the model's cache is
-reallocated (its addresses are baked into them).
+reallocated (its addresses are baked into them). Should a capture fail, the decoder
+warns once and decodes without graphs (``capture_error`` says why).
 
 Attention span: a graph has fixed shapes, so it cannot attend over exactly ``kv_len``
 slots. It attends over the first ``span`` slots, ``kv_len`` rounded up to a multiple
@@ -36,6 +37,7 @@ memory in ``describe()``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import weakref
@@ -155,6 +157,7 @@ class GraphedDecoder:
         self.clone_output = clone_output
         self.compiled = False
         self.compile_error: str | None = None
+        self.capture_error: str | None = None
         self._step = self._eager_step
         if compile:
             self._compile(compile_backend)
@@ -256,7 +259,17 @@ class GraphedDecoder:
             gkey = (skey, span)
             g = self._graphs.get(gkey)
             if g is None:
-                g = self._graphs[gkey] = self._capture(st, cache, span)
+                try:
+                    g = self._graphs[gkey] = self._capture(st, cache, span)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - decode correctly, if slowly, rather than fail
+                    self.capture_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    print(f"toolbox: CUDA graph capture failed, decoding without graphs ({self.capture_error})",
+                          file=sys.stderr)
+                    self.capture = False
+                    self.reset()
+                    return self._run_step(ids, pos, cache_pos, key_mask, cache, span)
             g.graph.replay()
             return g.out.clone() if self.clone_output else g.out
 
@@ -268,19 +281,12 @@ class GraphedDecoder:
         inputs.
         """
         args = (st.ids, st.pos, st.cache_pos, st.key_mask, cache, span)
-        dev = self.model.device
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._run_step(*args)
-        torch.cuda.current_stream(dev).wait_stream(side)
+        _warm_up(lambda: self._run_step(*args), self.warmup, self.model.device)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
+            self._pool = _new_pool()
+        graph = _new_graph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
-                out = self._step(*args)
+            out = _record(graph, self._pool, lambda: self._step(*args))
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -295,6 +301,33 @@ class GraphedDecoder:
             return self._capture(st, cache, span)
         self.captures += 1
         return _Graph(graph, out)
+
+
+# The CUDA calls of a capture, kept apart so that a CPU test can stand in for them.
+
+
+def _warm_up(fn, n: int, device: torch.device) -> None:
+    """Run ``fn`` n times on a side stream (allocations and lazy init happen outside the capture)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(n):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+
+
+def _new_pool():
+    return torch.cuda.graph_pool_handle()
+
+
+def _new_graph():
+    return torch.cuda.CUDAGraph()
+
+
+def _record(graph, pool, fn) -> Tensor:
+    """Capture ``fn`` into ``graph`` (nothing runs); returns its output tensor, rewritten by each replay."""
+    with torch.cuda.graph(graph, pool=pool):
+        return fn()
 
 
 # --- the RuntimeModel of the GPU backends ----------------------------------------
@@ -316,6 +349,7 @@ def device_memory(device: torch.device) -> dict:
     }
 
 
+@functools.cache
 def _fast_runtime_model_class():
     from toolbox.runtime.loaded import RuntimeModel
 
@@ -347,8 +381,9 @@ def _fast_runtime_model_class():
             if self.decoder is not None:
                 info["cuda_graphs"] = self.decoder.capture
                 info["compiled"] = self.decoder.compiled
-                if self.decoder.compile_error:
-                    info["compile_error"] = self.decoder.compile_error
+                for name in ("compile_error", "capture_error"):
+                    if getattr(self.decoder, name):
+                        info[name] = getattr(self.decoder, name)
             return info
 
     return FastRuntimeModel

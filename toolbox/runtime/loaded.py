@@ -113,25 +113,29 @@ class RuntimeModel(LoadedModel):
 
     def describe(self) -> dict:
         params = sum(p.numel() for p in self.module.parameters())
-        return {**self.info, "parameters": params, "weight_bytes": module_bytes(self.module)}
+        return {**self.info, "parameters": params, "weight_bytes": weight_bytes(self.module)}
 
 
-def module_bytes(module: torch.nn.Module) -> int:
-    """Bytes of the module's state (packed quantized weights included; tied weights once)."""
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's state: tied tensors once, quantized and packed weights included
+    (tensor subclasses such as torchao's are sized through their inner tensors)."""
     seen: set[int] = set()
 
     def size(value) -> int:
-        if isinstance(value, torch.Tensor):
-            if value.is_quantized or value.layout != torch.strided:
-                return value.numel() * value.element_size()
-            key = value.untyped_storage().data_ptr()
-            if key in seen:
-                return 0
-            seen.add(key)
-            return value.untyped_storage().nbytes()
         if isinstance(value, (tuple, list)):
             return sum(size(v) for v in value)
-        return 0
+        if not isinstance(value, torch.Tensor):
+            return 0
+        if type(value) not in (torch.Tensor, torch.nn.Parameter) and hasattr(value, "__tensor_flatten__"):
+            names, _ = value.__tensor_flatten__()
+            return sum(size(getattr(value, n)) for n in names)
+        if value.is_quantized or value.layout != torch.strided:
+            return value.numel() * value.element_size()
+        key = value.untyped_storage().data_ptr()
+        if key in seen:
+            return 0
+        seen.add(key)
+        return value.untyped_storage().nbytes()
 
     return sum(size(v) for v in module.state_dict().values())
 
