@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -61,7 +60,7 @@ def build_shape_s(path: Path) -> None:
     torch.manual_seed(0)
     config = GPTNeoXConfig(**SHAPE_S, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
                            bos_token_id=2, eos_token_id=3)
-    GPTNeoXForCausalLM(config).save_pretrained(path)
+    GPTNeoXForCausalLM(config).half().save_pretrained(path)  # stored in fp16, like the series' checkpoints
     shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
 
 
@@ -81,7 +80,9 @@ def child(args) -> dict:
     prefill(long_prompt)
     tg = max(args.new_tokens / _timed(decode, prompt) for _ in range(args.runs))
     pp = max(len(long_prompt) / _timed(prefill, long_prompt) for _ in range(args.runs))
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
+    status = Path("/proc/self/status").read_text()
+    peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     return {"decode_tokens_per_s": round(tg, 1), "prompt_tokens_per_s": round(pp, 1), "peak_rss_mb": round(peak_mb, 1)}
 
 

@@ -46,15 +46,37 @@ AUTO_CACHE_BYTES = 64 << 20
 
 
 def quantize_cpu_int8(module):
-    """Swap every nn.Linear for torch's dynamically quantized int8 Linear (in place)."""
+    """Swap every nn.Linear for torch's dynamically quantized int8 Linear, one at a time (in place).
+
+    The module may be loaded in the checkpoint's 16-bit dtype: each Linear is widened to
+    float32 only while it is quantized, so a float32 copy of the whole model never exists.
+    The other parameters (embedding, layer norms) end in float32, as the int8 Linears expect.
+    """
     import warnings
 
     import torch
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+    from torch.ao.quantization import default_dynamic_qconfig
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantize_dynamic is deprecated in favour of torchao
-        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        warnings.simplefilter("ignore")  # torch's int8 dynamic quantization is deprecated for torchao
+        for parent in list(module.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is torch.nn.Linear:
+                    child.float().qconfig = default_dynamic_qconfig
+                    setattr(parent, name, DynamicInt8Linear.from_float(child))
+    return module.float()
+
+
+def checkpoint_float_dtype(checkpoint: Path):
+    """The dtype the checkpoint's weights are stored in, when it is a 16-bit one (else float32)."""
+    import json
+
+    import torch
+
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    stored = config.get("torch_dtype") or config.get("dtype")
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(stored, torch.float32)
 
 
 def quantize_cuda(module, scheme: str):
@@ -294,7 +316,7 @@ def load_or_quantize(checkpoint: Path, scheme: str, device: str, use_cache: bool
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry: quantize again
             print(f"toolbox: ignoring the quantized-weight cache {directory}: {exc}", file=sys.stderr)
     if device_type == "cpu":
-        module = quantize_cpu_int8(load_module(checkpoint, "cpu", torch.float32))
+        module = quantize_cpu_int8(load_module(checkpoint, "cpu", checkpoint_float_dtype(checkpoint)))
     else:
         module = quantize_cuda(load_module(checkpoint, device, torch.bfloat16), scheme)
     if directory is None:
