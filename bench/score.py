@@ -26,6 +26,8 @@ GPU mode (--gpu): the 3.6B shape (36 layers, hidden 2816, vocab 32000, context 2
 random fp16 weights shared by both models, on CUDA, over --windows windows of 2048 tokens
 (stride 1024), batch 1 and 2 windows, plus all-positions 1 x 2048 (the figure
 transformers was measured at: 54,000 tokens/s on an H200). Target: toolbox >= 1.2x that.
+`--gpu --device cpu --shape smoke` runs the same code on a tiny fp32 model in seconds (a
+check of the script, not a measurement). Without CUDA, --gpu exits with status 2.
 
 Results go to bench/results/score.json (score-gpu.json for --gpu).
 """
@@ -59,6 +61,9 @@ EMBEDDED_SHAPE = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num
                       intermediate_size=1024, max_position_embeddings=512)
 SERIES_SHAPE = dict(vocab_size=32000, hidden_size=2816, num_hidden_layers=36, num_attention_heads=22,
                     intermediate_size=11264, max_position_embeddings=2048)
+# --gpu --shape smoke --device cpu: the same code path in seconds, to check the script itself.
+SMOKE_SHAPE = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=256, max_position_embeddings=128)
 
 
 def package_version(name: str) -> str | None:
@@ -85,8 +90,9 @@ def model_dir(workdir: Path) -> tuple[Path, str]:
     torch.manual_seed(0)
     path = workdir / "random-embedded-shape"
     GPTNeoXForCausalLM(hf_config(EMBEDDED_SHAPE)).save_pretrained(path)
-    if (EMBEDDED / "spiece.model").is_file():
-        shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
+    if not (EMBEDDED / "spiece.model").is_file():
+        raise SystemExit(f"bench/score.py: {EMBEDDED / 'spiece.model'} is missing too; cannot tokenize")
+    shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
     return path, "random weights, embedded shape (the embedded model is missing)"
 
 
@@ -195,11 +201,7 @@ def cpu_main(args) -> dict:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         hf = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype).eval()
         text = args.source.read_bytes().decode("utf-8").replace("\r\n", "\n")
-        if (path / "spiece.model").is_file():
-            ids = Tokenizer(path / "spiece.model").encode(text)
-        else:  # no tokenizer either: random ids, one per 1.6 characters (the novel's ratio)
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(4, ours.module.config.vocab_size, (len(text) * 5 // 8,), generator=g).tolist()
+        ids = Tokenizer(path / "spiece.model").encode(text)
         if args.limit_tokens:
             ids = ids[: args.limit_tokens]
         W = args.window or ours.context_length
@@ -245,7 +247,8 @@ def cpu_main(args) -> dict:
 def gpu_main(args) -> dict:
     import torch
 
-    if not torch.cuda.is_available():
+    dev = args.device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
         print("bench/score.py --gpu: no CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         raise SystemExit(2)
     from transformers import GPTNeoXForCausalLM
@@ -257,41 +260,48 @@ def gpu_main(args) -> dict:
     from toolbox.scoring import plan_windows
     from toolbox.tokenizer import Tokenizer
 
-    dev = "cuda"
     torch.manual_seed(0)
-    cfg = hf_config(SERIES_SHAPE)
+    shape = SERIES_SHAPE if args.shape == "series" else SMOKE_SHAPE
+    cfg = hf_config(shape)
+    dtype = torch.float16 if dev.startswith("cuda") else torch.float32
     t0 = time.perf_counter()
     with torch.device(dev):
-        hf = GPTNeoXForCausalLM._from_config(cfg, dtype=torch.float16).eval()
+        hf = GPTNeoXForCausalLM._from_config(cfg, dtype=dtype).eval()
     # Our module shares the very same weight tensors (no second copy).
     with torch.device("meta"):
         module = GPTNeoX(NeoXConfig.from_dict(cfg.to_dict()))
     expected = {name for name, _ in module.named_parameters()}
-    state = {k.removeprefix("gpt_neox."): v for k, v in hf.state_dict().items()}
+    # transformers 5 calls the output layer lm_head (checkpoints keep embed_out).
+    state = {k.removeprefix("gpt_neox.").replace("lm_head.", "embed_out."): v for k, v in hf.state_dict().items()}
+    missing = expected - state.keys()
+    if missing:
+        raise SystemExit(f"bench/score.py --gpu: transformers' model lacks {sorted(missing)}")
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     module._init_rotary(torch.device(dev))
     module = module.eval().requires_grad_(False)
-    ours = RuntimeModel(module, Tokenizer(EMBEDDED_DIR / "spiece.model"), {"backend": "bench", "dtype": "float16"})
+    ours = RuntimeModel(module, Tokenizer(EMBEDDED_DIR / "spiece.model"), {"backend": "bench", "dtype": str(dtype)})
     build_s = time.perf_counter() - t0
-    W, S = 2048, 1024
+    W = shape["max_position_embeddings"]
+    S = W // 2
     g = torch.Generator().manual_seed(0)
     doc = torch.randint(4, cfg.vocab_size, (W + (args.windows - 1) * S,), generator=g).tolist()
     windows = [(doc[w.start : w.end], w.context) for w in plan_windows(len(doc), W, S)]
     full = [(torch.randint(4, cfg.vocab_size, (W,), generator=g).tolist(), 1) for _ in range(args.windows)]
-    sync = torch.cuda.synchronize
+    sync = torch.cuda.synchronize if dev.startswith("cuda") else (lambda: None)
     rows = {}
-    cases = [("all positions, 1 x 2048", full, 1), ("sliding W 2048 S 1024, 1 x 2048", windows, 1),
-             ("sliding W 2048 S 1024, 2 x 2048", windows, 2)]
+    cases = [(f"all positions, 1 x {W}", full, 1), (f"sliding W {W} S {S}, 1 x {W}", windows, 1),
+             (f"sliding W {W} S {S}, 2 x {W}", windows, 2)]
     for title, wins, per_batch in cases:
         batches = [wins[i : i + per_batch] for i in range(0, len(wins), per_batch)]
         time_pair(ours, hf, batches[:2], 1, dev, sync)  # warm-up
         result = time_pair(ours, hf, batches, args.runs, dev, sync)
         rows[title] = report_rows(result, sum(len(s) - f for s, f in wins), sum(len(s) for s, _ in wins))
-    print(f"device: {torch.cuda.get_device_name()}; 3.6B shape, random fp16 weights (built in {build_s:.1f} s)")
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else dev
+    print(f"device: {name}; {args.shape} shape, random {dtype} weights (built in {build_s:.1f} s)")
     print_table("GPU scoring throughput (window tokens/s is the unit of the 54,000 reference)", rows)
     best = max(r["toolbox"]["window_tokens_per_s"] for r in rows.values())
     print(f"\nbest toolbox window tokens/s {best:,.0f}; target {TARGET_GPU} x {HF_H200:,} = {TARGET_GPU * HF_H200:,.0f}")
-    return {"mode": "gpu", "device": torch.cuda.get_device_name(), "shape": SERIES_SHAPE, "dtype": "float16",
+    return {"mode": "gpu", "device": name, "shape": shape, "dtype": str(dtype).removeprefix("torch."),
             "windows": args.windows, "runs": args.runs, "results": rows,
             "target": {"speedup": TARGET_GPU, "transformers_h200_tokens_per_s": HF_H200}}
 
@@ -308,6 +318,9 @@ def main() -> None:
     ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (the runtime's default)")
     ap.add_argument("--limit-tokens", type=int, default=None, help="score only the first N tokens of SOURCE")
     ap.add_argument("--windows", type=int, default=16, help="--gpu: windows per case")
+    ap.add_argument("--device", default="cuda", help="--gpu: the device (cpu runs the code path, fp32)")
+    ap.add_argument("--shape", choices=["series", "smoke"], default="series",
+                    help="--gpu: the 3.6B shape, or a tiny one to check the script")
     ap.add_argument("--output", type=Path, default=None)
     args = ap.parse_args()
     if args.gpu:

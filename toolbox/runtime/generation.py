@@ -286,27 +286,9 @@ def score(
 
 
 def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> Tensor:
-    """The output layer's input (final-normed hidden states) at positions ``lo .. T-2``.
-
-    Runs ``model.forward_full`` with a pre-hook on ``embed_out`` that keeps those states
-    and hands the output layer a single position, so the ``[B, T, V]`` logits of the
-    context positions are never computed.
-    """
-    T = ids.shape[1]
-    kept: list[Tensor] = []
-
-    def keep(module, args):
-        kept.append(args[0][:, lo : T - 1])
-        return (args[0][:, :1],)
-
-    handle = model.embed_out.register_forward_pre_hook(keep)
-    try:
-        model.forward_full(ids, mask)
-    finally:
-        handle.remove()
-    if len(kept) != 1:
-        raise RuntimeError("GPTNeoX.forward_full did not call embed_out exactly once")
-    return kept[0]
+    """The output layer's input (final-normed hidden states) at positions ``lo .. T-2``;
+    the ``[B, T, V]`` logits of the context positions are never computed."""
+    return model.forward_full(ids, mask, hidden=True)[:, lo : ids.shape[1] - 1]
 
 
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:

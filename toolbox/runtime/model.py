@@ -252,7 +252,7 @@ class GPTNeoX(nn.Module):
             cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in self.layers]
         return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at)
 
-    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None):
+    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None, head=True):
         use_cache = cache is not None
         if use_cache:
             slots = torch.arange(cache[0][0].shape[2] if kv_len is None else kv_len, device=input_ids.device)
@@ -279,10 +279,14 @@ class GPTNeoX(nn.Module):
             x = x[:, -1:]
         elif logits_at is not None:
             x = x[torch.arange(x.shape[0], device=x.device), logits_at][:, None]
-        return self.embed_out(self.final_layer_norm(x)).float()
+        x = self.final_layer_norm(x)
+        return self.embed_out(x).float() if head else x
 
-    def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False) -> Tensor:
         """Cache-free forward over whole sequences (for scoring): fp32 logits ``[B,T,V]``.
+
+        ``hidden=True`` stops before the output layer: the final-normed hidden states
+        ``[B,T,H]`` in the model's dtype (scoring applies the head to scored positions only).
 
         ``attention_mask [B,T]`` (1/True = real token) may pad on either side; positions
         count real tokens only. Without a mask, attention is plainly causal (SDPA's
@@ -295,4 +299,4 @@ class GPTNeoX(nn.Module):
         else:
             attention_mask = attention_mask.bool()
             pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self._run(input_ids, pos, slots, attention_mask, None, False, None)
+        return self._run(input_ids, pos, slots, attention_mask, None, False, None, head=not hidden)
