@@ -49,12 +49,12 @@ def rotary_tables(cfg: NeoXConfig, device=None) -> tuple[Tensor, Tensor]:
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate the first ``cos.shape[-1]`` dims of ``x [B,H,T,D]`` (GPT-NeoX half-split pairing)."""
-    rd = cos.shape[-1]
-    rot, rest = x[..., :rd], x[..., rd:]
+    """Rotate the first ``cos.shape[-1]`` dims of ``x [..., D]`` (GPT-NeoX half-split pairing)."""
+    rd, d = cos.shape[-1], x.shape[-1]
+    rot = x if rd == d else x[..., :rd]
     first, second = rot.chunk(2, dim=-1)
-    rotated = torch.cat([-second, first], dim=-1)
-    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+    out = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
 
 
 class KVCache(nn.Module):
@@ -101,8 +101,9 @@ class Attention(nn.Module):
         B, T, C = x.shape
         # The fused projection is laid out per head as [q | k | v].
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split(self.head_dim, dim=-1)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk, v = qkv.split([2 * self.head_dim, self.head_dim], dim=-1)
+        # queries and keys rotated in one pass: [B,H,T,2,D] against cos/sin [B,1,T,1,rd]
+        q, k = apply_rotary(qk.unflatten(-1, (2, self.head_dim)), cos, sin).unbind(-2)
         if kv is not None:
             write_kv(kv[0], cache_pos, k)
             write_kv(kv[1], cache_pos, v)
@@ -269,8 +270,8 @@ class GPTNeoX(nn.Module):
                 # so pad queries never see an empty row (which would make NaNs).
                 mask = mask & (key_mask[:, None, :] | (slots == at))  # [B,T,S]
             mask = mask.unsqueeze(-3)  # [B or 1, 1, T, S]
-        cos = self.rope_cos[input_pos].to(self.dtype)[:, None]  # [B,1,T,rd]
-        sin = self.rope_sin[input_pos].to(self.dtype)[:, None]
+        cos = self.rope_cos[input_pos].to(self.dtype)[:, None, :, None]  # [B,1,T,1,rd]
+        sin = self.rope_sin[input_pos].to(self.dtype)[:, None, :, None]
 
         x = self.embed_in(input_ids)
         for i, layer in enumerate(self.layers):
