@@ -209,3 +209,15 @@ def fake_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path], commit: 
     (repo_dir / "refs").mkdir()
     (repo_dir / "refs" / "main").write_text(commit)
     return snapshot
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A small random GPT-NeoX in the Hugging Face layout with the embedded tokenizer
+    (config.json + model.safetensors + spiece.model), context TINY_CONTEXT tokens."""
+    from runtime_fixtures import TINY_CONTEXT, build_hf, save
+
+    path = tmp_path_factory.mktemp("tiny")
+    save(build_hf(vocab_size=8000, max_position_embeddings=TINY_CONTEXT, init=0.05), path)
+    shutil.copy(EMBEDDED_DIR / "spiece.model", path / "spiece.model")
+    return path

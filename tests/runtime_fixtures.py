@@ -22,6 +22,7 @@ SMALL = dict(
     tie_word_embeddings=False,
 )
 EOS = 3
+TINY_CONTEXT = 96  # context of the `tiny_checkpoint` fixture (conftest.py)
 
 
 def build_hf(rotary_pct=1.0, parallel=True, seed=0, init=0.1, **overrides):

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from click.testing import CliRunner
-from model_fixtures import CONTEXT, tiny_checkpoint  # noqa: F401  (fixture)
+from runtime_fixtures import TINY_CONTEXT as CONTEXT
 
 from toolbox.cli import cli
 

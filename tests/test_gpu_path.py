@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from conftest import REPO, _clean_env
-from model_fixtures import tiny_checkpoint  # noqa: F401 - fixture
 from runtime_fixtures import build_hf, save
 from toolbox.backend import GenerationParams, LoadOptions
 from toolbox.errors import ToolboxError

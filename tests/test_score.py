@@ -18,7 +18,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from model_fixtures import CONTEXT, tiny_checkpoint  # noqa: F401  (fixture)
+from runtime_fixtures import TINY_CONTEXT as CONTEXT
 
 from toolbox.backend import LoadOptions, TokenScores, backends
 from toolbox.cli import cli

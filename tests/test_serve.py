@@ -16,7 +16,6 @@ import time
 
 import httpx
 import pytest
-from model_fixtures import tiny_checkpoint  # noqa: F401  (fixture)
 from serve_fixtures import API_KEY, SERVED_NAME, ServerProcess, embedded_weights, free_port, parse_sse
 
 from toolbox.registry import EMBEDDED_DIR
