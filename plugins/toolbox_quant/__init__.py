@@ -60,11 +60,15 @@ def quantize_cpu_int8(module):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's int8 dynamic quantization is deprecated for torchao
-        for parent in list(module.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is torch.nn.Linear:
-                    child.float().qconfig = default_dynamic_qconfig
-                    setattr(parent, name, DynamicInt8Linear.from_float(child))
+        # Hold (parent, name) only: a reference to each widened Linear would keep every
+        # float32 copy alive until the end, the very peak this avoids.
+        slots = [(parent, name) for parent in module.modules() for name, child in parent.named_children()
+                 if type(child) is torch.nn.Linear]
+        for parent, name in slots:
+            linear = getattr(parent, name).float()
+            linear.qconfig = default_dynamic_qconfig
+            setattr(parent, name, DynamicInt8Linear.from_float(linear))
+            del linear
     return module.float()
 
 
