@@ -22,7 +22,7 @@ from conftest import REPO, _clean_env
 from runtime_fixtures import build_hf, save
 from toolbox.backend import GenerationParams, LoadOptions
 from toolbox.errors import ToolboxError
-from toolbox.runtime.generation import generate
+from toolbox.runtime.generation import Generation
 from toolbox.runtime.graphs import DecoderOptions, GraphedDecoder, decoder_options, fast_runtime_model
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams
@@ -48,7 +48,7 @@ def model(tmp_path_factory):
 def _tokens(model, prompts, decode_fn=None, n=128, penalty=1.0):
     out: dict[int, list[int]] = {}
     sampling = SamplingParams(temperature=0, repetition_penalty=penalty)
-    for step in generate(model, prompts, max_new_tokens=n, min_new_tokens=n, sampling=sampling, decode_fn=decode_fn):
+    for step in Generation(model, prompts, max_new_tokens=n, min_new_tokens=n, sampling=sampling, decode_fn=decode_fn):
         for t in step.tokens:
             out.setdefault(t.seq, []).append(t.token_id)
     return [out[i] for i in range(len(prompts))]

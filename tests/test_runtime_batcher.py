@@ -9,7 +9,7 @@ from runtime_fixtures import EOS, build_hf, save
 from toolbox.backend import GenerationParams
 from toolbox.batching import SequenceRequest
 from toolbox.runtime.batcher import ContinuousBatcher
-from toolbox.runtime.generation import generate
+from toolbox.runtime.generation import Generation
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams
 
@@ -37,7 +37,7 @@ def _alone(model, prompt, params: GenerationParams, eos=()):
     sampling = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
                               repetition_penalty=params.repetition_penalty, seed=params.seed)
     toks, lps, reason = [], [], None
-    for step in generate(model, [prompt], max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
+    for step in Generation(model, [prompt], max_new_tokens=params.max_new_tokens, min_new_tokens=params.min_new_tokens,
                          sampling=sampling, eos_token_ids=eos):
         (t,) = step.tokens
         toks.append(t.token_id)

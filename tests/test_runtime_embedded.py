@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runtime_fixtures import rel_err
-from toolbox.runtime.generation import generate, score
+from toolbox.runtime.generation import Generation, score
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams
 
@@ -40,7 +40,7 @@ def test_embedded_greedy_and_score_match_transformers(pair):
     eos = ours.config.eos_token_ids or (3,)
     ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
                       eos_token_id=list(eos), pad_token_id=0)[0, 12:].tolist()
-    got = [t.token_id for step in generate(ours, [prompt], max_new_tokens=32, min_new_tokens=32,
+    got = [t.token_id for step in Generation(ours, [prompt], max_new_tokens=32, min_new_tokens=32,
                                            eos_token_ids=eos, sampling=SamplingParams(temperature=0))
            for t in step.tokens]
     assert got == ref

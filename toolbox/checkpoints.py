@@ -45,18 +45,23 @@ def registry() -> Registry:
     return reg
 
 
+@cache
+def _core_registry() -> Registry:
+    from toolbox.registry import builtin_models
+
+    reg = Registry()
+    for spec in builtin_models():
+        reg.register(spec)
+    return reg
+
+
 def lookup(name: str) -> ModelSpec | None:
     """The registry entry called `name`; plugins are loaded only for names the core lacks.
 
     Plugins may not reuse built-in names, so the answer is the same either way; the
     tokenizer commands just skip the entry-point scan on their way to the default model.
     """
-    from toolbox.registry import builtin_models
-
-    for spec in builtin_models():
-        if name.lower() in (n.lower() for n in spec.names):
-            return spec
-    return registry().get(name)
+    return _core_registry().get(name) or registry().get(name)
 
 
 def parse_model(name: str | None, revision: str | None = None) -> ModelRef:

@@ -7,7 +7,7 @@ import json
 import click
 
 from toolbox.checkpoints import download as fetch
-from toolbox.checkpoints import parse_model, registry
+from toolbox.checkpoints import lookup, parse_model, registry
 from toolbox.commands.options import revision_option
 from toolbox.errors import ToolboxError
 
@@ -39,7 +39,7 @@ def list_models(as_json):
 @click.option("--json", "as_json", is_flag=True, help="The entry as JSON.")
 def show_model(name, as_json):
     """Show one entry: architecture, prompt format, generation defaults."""
-    spec = registry().get(name)
+    spec = lookup(name)
     if spec is None:
         raise ToolboxError(f"{name!r} is not in the registry; see `toolbox models list`")
     data = spec.to_dict()

@@ -1,6 +1,6 @@
 """Token-level generation and scoring loops on top of :class:`~.model.GPTNeoX`.
 
-``generate`` returns a :class:`Generation`: iterate it to get one :class:`Step` per
+Iterate a :class:`Generation` to get one :class:`Step` per
 new token position. Sequences are the rows of the expanded batch, numbered
 ``prompt_index * n + sample_index``. To stop a sequence early (say, the text layer
 found a stop string) call ``generation.cancel(seq)`` between steps: it emits nothing
@@ -43,7 +43,15 @@ DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
 class Generation:
-    """A running batched generation; iterate for :class:`Step` objects (once)."""
+    """A batched generation from token-id prompts; iterate it (once) for :class:`Step` s.
+
+    All prompts are prefilled in one left-padded forward, then one decode step runs per
+    new token over a static cache of ``max prompt length + max_new_tokens`` slots.
+    ``n`` samples per prompt expand the batch. EOS ids are banned until
+    ``min_new_tokens`` tokens exist; a sequence ends with 'stop' on an EOS id (the EOS
+    token is reported) or 'length' after ``max_new_tokens``. Errors (context overflow,
+    empty prompt) are raised here, before any work.
+    """
 
     def __init__(
         self,
@@ -177,33 +185,6 @@ class Generation:
                 with torch.inference_mode():
                     nxt = launch(step + 1, advance(step, cur[0]))
             cur = nxt
-
-
-def generate(
-    model: GPTNeoX,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    min_new_tokens: int = 0,
-    sampling: SamplingParams = SamplingParams(),
-    eos_token_ids: Sequence[int] = (),
-    n: int = 1,
-    decode_fn: DecodeFn | None = None,
-    lookahead: bool | None = None,
-) -> Generation:
-    """Generate from a batch of token-id prompts; iterate the result for :class:`Step` s.
-
-    All prompts are prefilled in one left-padded forward, then one decode step runs per
-    new token over a static cache of ``max prompt length + max_new_tokens`` slots.
-    ``n`` samples per prompt expand the batch. EOS ids are banned until
-    ``min_new_tokens`` tokens exist; a sequence ends with 'stop' on an EOS id (the EOS
-    token is reported) or 'length' after ``max_new_tokens``. Errors (context overflow,
-    empty prompt) are raised here, before any work.
-    """
-    return Generation(
-        model, prompts, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-        sampling=sampling, eos_token_ids=eos_token_ids, n=n, decode_fn=decode_fn, lookahead=lookahead,
-    )
 
 
 @dataclass(frozen=True)
