@@ -14,7 +14,10 @@ a shared machine hits them alike):
                   say: a T5Tokenizer under transformers 5, encode() line by line
                   (its ids are wrong: see docs/tokenizer.md)
   hf-backend-fast TokenizersBackend built from spiece.model (Rust tokenizers), one
-                  encode_batch over all lines: the faithful transformers path
+                  encode_batch on its Rust backend over all lines: the faithful
+                  transformers tokenizer at its fastest
+  hf-backend-call the same tokenizer called as transformers users call it,
+                  tok(lines, add_special_tokens=False)["input_ids"]
 
 Each tool's ids are compared line by line with sentencepiece's Python encoder, so the
 table says how fast each tool is and whether its answer is right. The cold start of
@@ -62,8 +65,12 @@ else:
     from transformers import TokenizersBackend
     tok = TokenizersBackend(**TokenizersBackend.convert_to_native_format(vocab_file=model_dir + "/spiece.model"))
     backend = tok.backend_tokenizer
-    def encode(lines):
-        return [e.ids for e in backend.encode_batch(lines, add_special_tokens=False)]
+    if mode == "hf-backend-call":
+        def encode(lines):
+            return tok(lines, add_special_tokens=False)["input_ids"]
+    else:
+        def encode(lines):
+            return [e.ids for e in backend.encode_batch(lines, add_special_tokens=False)]
 t1 = time.perf_counter()
 data = sys.stdin.buffer.read().decode("utf-8")
 lines = data.split("\n")
@@ -152,7 +159,7 @@ def main() -> None:
     else:
         print("spm_encode not found: skipped", file=sys.stderr)
     if not args.no_transformers and package_version("transformers"):
-        for mode in ("hf-t5-slow", "hf-backend-fast"):
+        for mode in ("hf-t5-slow", "hf-backend-fast", "hf-backend-call"):
             tools[mode] = [sys.executable, "-c", HF_SCRIPT, mode, str(args.model)]
 
     load_before = os.getloadavg()

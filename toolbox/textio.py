@@ -24,49 +24,77 @@ def decode_line(raw: bytes, lineno: int, errors: str, source: str = "stdin") -> 
     try:
         return raw.decode("utf-8", errors)
     except UnicodeDecodeError as exc:
-        raise ToolboxError(
-            f"{source} line {lineno}: invalid UTF-8 (byte 0x{raw[exc.start]:02x} at byte "
-            f"offset {exc.start}); pass --errors replace to substitute U+FFFD"
-        ) from None
+        raise _utf8_error(raw, exc, lineno, source) from None
 
 
-def _strip_eol(raw: bytes) -> bytes:
-    if raw.endswith(b"\n"):
-        raw = raw[:-1]
-    if raw.endswith(b"\r"):
-        raw = raw[:-1]
-    return raw
+def _utf8_error(data: bytes, exc: UnicodeDecodeError, first_line: int, source: str) -> ToolboxError:
+    """The error for invalid UTF-8 in `data` (whose first line is number `first_line`)."""
+    lineno = first_line + data.count(b"\n", 0, exc.start)
+    offset = exc.start - (data.rfind(b"\n", 0, exc.start) + 1)
+    return ToolboxError(
+        f"{source} line {lineno}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at byte "
+        f"offset {offset}); pass --errors replace to substitute U+FFFD"
+    )
 
 
-def iter_line_batches(
-    stream: BinaryIO, errors: str = "strict", source: str = "stdin"
-) -> Iterator[list[tuple[int, str]]]:
-    """Yield batches of (line number, text) as input arrives; line ends (LF, CRLF) removed."""
+def iter_line_blocks(stream: BinaryIO, size: int = CHUNK) -> Iterator[tuple[int, bytes]]:
+    """Yield (number of its first line, bytes of whole lines) as input arrives.
+
+    Every block ends with a line end except perhaps the last, the input's unterminated tail.
+    """
     read = getattr(stream, "read1", stream.read)
     pending = b""
-    lineno = 0
+    next_line = 1
     while True:
-        chunk = read(CHUNK)
+        chunk = read(size)
         if not chunk:
             break
         pending += chunk
         cut = pending.rfind(b"\n")
         if cut < 0:
             continue
-        complete, pending = pending[: cut + 1], pending[cut + 1 :]
-        batch = []
-        for raw in complete.split(b"\n")[:-1]:
-            lineno += 1
-            try:
-                batch.append((lineno, decode_line(_strip_eol(raw), lineno, errors, source)))
-            except ToolboxError:
-                if batch:  # hand over the good lines before the bad one
-                    yield batch
-                raise
-        yield batch
+        block, pending = pending[: cut + 1], pending[cut + 1 :]
+        yield next_line, block
+        next_line += block.count(b"\n")
     if pending:
-        lineno += 1
-        yield [(lineno, decode_line(_strip_eol(pending), lineno, errors, source))]
+        yield next_line, pending
+
+
+def decode_block(
+    first_line: int, block: bytes, errors: str = "strict", source: str = "stdin"
+) -> tuple[list[str], ToolboxError | None]:
+    """The lines of a block as text, line ends (LF, CRLF) removed, up to the first bad line.
+
+    Line i of the result is input line `first_line + i`. The error for the bad line,
+    if any, comes second, so that the good lines before it can still be written out.
+    """
+    error = None
+    try:
+        text = block.decode("utf-8", errors)
+    except UnicodeDecodeError as exc:
+        error = _utf8_error(block, exc, first_line, source)
+        text = block[: block.rfind(b"\n", 0, exc.start) + 1].decode("utf-8")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n")
+    lines = text.split("\n")
+    if not lines[-1]:  # what follows the last line end (or an empty block)
+        lines.pop()
+    elif lines[-1].endswith("\r"):  # an unterminated last line ending in CR
+        lines[-1] = lines[-1][:-1]
+    return lines, error
+
+
+def iter_line_batches(
+    stream: BinaryIO, errors: str = "strict", source: str = "stdin"
+) -> Iterator[list[tuple[int, str]]]:
+    """Yield batches of (line number, text) as input arrives; line ends (LF, CRLF) removed."""
+    for first_line, block in iter_line_blocks(stream):
+        lines, error = decode_block(first_line, block, errors, source)
+        batch = list(enumerate(lines, first_line))
+        if batch:  # the good lines go out before a bad one stops the input
+            yield batch
+        if error is not None:
+            raise error
 
 
 def read_whole(stream: BinaryIO, errors: str = "strict", source: str = "stdin") -> str:
@@ -75,12 +103,7 @@ def read_whole(stream: BinaryIO, errors: str = "strict", source: str = "stdin") 
     try:
         return data.decode("utf-8", errors)
     except UnicodeDecodeError as exc:
-        lineno = data.count(b"\n", 0, exc.start) + 1
-        line_start = data.rfind(b"\n", 0, exc.start) + 1
-        raise ToolboxError(
-            f"{source} line {lineno}: invalid UTF-8 (byte 0x{data[exc.start]:02x} at byte "
-            f"offset {exc.start - line_start}); pass --errors replace to substitute U+FFFD"
-        ) from None
+        raise _utf8_error(data, exc, 1, source) from None
 
 
 class Output:
@@ -90,9 +113,17 @@ class Output:
         self._stream = stream
 
     def write_lines(self, lines: list[str]) -> None:
-        if lines:
-            self._stream.write(("\n".join(lines) + "\n").encode("utf-8"))
+        self.write(encode_lines(lines))
+
+    def write(self, data: bytes) -> None:
+        if data:
+            self._stream.write(data)
             self._stream.flush()
+
+
+def encode_lines(lines: list[str]) -> bytes:
+    """Lines as UTF-8, each ended by a newline."""
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
 
 
 def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:

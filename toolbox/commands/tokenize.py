@@ -15,7 +15,10 @@ from toolbox.commands.options import (
     stdout_bytes,
 )
 from toolbox.prompts import NL, to_model_text
-from toolbox.textio import Output, iter_line_batches, prefetch, read_whole
+from toolbox.forkpool import ordered_map
+from toolbox.textio import Output, decode_block, encode_lines, iter_line_blocks, read_whole
+
+BLOCK = 128 << 10  # small enough that both worker processes start (and finish) at about the same time
 
 
 @click.command()
@@ -58,11 +61,20 @@ def tokenize(text, fmt, as_json, whole, bos, eos, parse_special, nl, errors, mod
     elif whole:
         out.write_lines(render(encode([read_whole(stdin_bytes(), errors)])))
     else:
-        # Reading and encoding run a batch ahead in a thread (sentencepiece releases the
-        # GIL), while this thread formats and writes: each batch still goes out at once.
-        batches = iter_line_batches(stdin_bytes(), errors)
-        for encoded in prefetch(encode([line for _, line in batch]) for batch in batches):
-            out.write_lines(render(encoded))
+        def block_output(block):  # -> (output bytes of its good lines, error of its bad line)
+            lines, error = decode_block(*block, errors)
+            return encode_lines(render(encode(lines))), error
+
+        def single_threaded():
+            tok.threads = 1  # each worker process encodes on one core
+
+        blocks = iter_line_blocks(stdin_bytes(), BLOCK)
+        for data, error in ordered_map(
+            block_output, blocks, processes=tok.threads, size=lambda b: len(b[1]), initializer=single_threaded
+        ):
+            out.write(data)
+            if error is not None:
+                raise error
 
 
 def _stages(tok, fmt, *, bos, eos, parse_special, nl):
