@@ -257,6 +257,28 @@ def test_cuda_backend_reports_no_cuda_device(tiny_checkpoint):  # noqa: F811
 # --- the quantized-weight cache ------------------------------------------------------
 
 
+def test_cpu_int8_keeps_a_16_bit_input_embedding(tmp_path, monkeypatch):
+    """int8 on CPU from a fp16 checkpoint: the embedding stays fp16 (half the memory), exactly
+    the stored values, through a fresh quantization and through the cache alike."""
+    import toolbox_quant
+
+    monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path / "cache"))
+    hf = build_hf(vocab_size=8000, max_position_embeddings=96, init=0.05).half()
+    ckpt = save(hf, tmp_path / "fp16")
+    shutil.copy(REPO / "toolbox" / "data" / "embedded" / "spiece.model", ckpt / "spiece.model")
+    stored = hf.gpt_neox.embed_in.weight.detach()
+    on = LoadOptions(extra={"quant_cache": True})
+    fresh, cached = toolbox_quant.QuantBackend().load(ckpt, on), toolbox_quant.QuantBackend().load(ckpt, on)
+    assert cached.info["quantized_cache"] == "hit"
+    for loaded in (fresh, cached):
+        weight = loaded.module.embed_in.weight
+        assert weight.dtype == torch.float16 and torch.equal(weight, stored)
+        assert loaded.module.final_layer_norm.weight.dtype == torch.float32  # computes in fp32
+    params = GenerationParams(max_new_tokens=8, min_new_tokens=8, temperature=0.0)
+    toks = [[[e.token_id for e in step] for step in m.generate_tokens([[5, 6, 7]], params)] for m in (fresh, cached)]
+    assert toks[0] == toks[1]
+
+
 def test_quantized_weight_cache_round_trip(tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
     import toolbox_quant
 

@@ -50,7 +50,8 @@ def quantize_cpu_int8(module):
 
     The module may be loaded in the checkpoint's 16-bit dtype: each Linear is widened to
     float32 only while it is quantized, so a float32 copy of the whole model never exists.
-    The other parameters (embedding, layer norms) end in float32, as the int8 Linears expect.
+    The layer norms end in float32, as the int8 Linears expect; the input embedding stays
+    as stored (its rows are widened as they are looked up), which halves its memory.
     """
     import warnings
 
@@ -69,7 +70,23 @@ def quantize_cpu_int8(module):
             linear.qconfig = default_dynamic_qconfig
             setattr(parent, name, DynamicInt8Linear.from_float(linear))
             del linear
-    return module.float()
+    for name, child in module.named_children():
+        if name != "embed_in":
+            child.float()
+    return module
+
+
+def release_freed_memory() -> None:
+    """Give memory freed by Python and torch back to the OS (glibc keeps it otherwise)."""
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def checkpoint_float_dtype(checkpoint: Path):
@@ -262,10 +279,14 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         _int8_skeleton(module)
         import warnings
 
+        # Read, not memory-mapped: the packed int8 weights keep a reference to their bias,
+        # which would keep the whole mapping (every int8 page touched while packing) resident.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
-            state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True, mmap=True)
+            state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
         module.load_state_dict(state, strict=True, assign=True)
+        del state  # the unpacked int8 weights
+        release_freed_memory()
     else:
         from safetensors import safe_open
         from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict

@@ -184,7 +184,8 @@ class GPTNeoX(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_in.weight.dtype
+        """The dtype the model computes in (the input embedding may be stored narrower)."""
+        return self.final_layer_norm.weight.dtype
 
     def setup_cache(self, batch_size: int, max_seq_len: int) -> None:
         """Allocate (or reuse) a zeroed-once static KV cache of ``max_seq_len`` slots.
@@ -273,7 +274,7 @@ class GPTNeoX(nn.Module):
         cos = self.rope_cos[input_pos].to(self.dtype)[:, None, :, None]  # [B,1,T,1,rd]
         sin = self.rope_sin[input_pos].to(self.dtype)[:, None, :, None]
 
-        x = self.embed_in(input_ids)
+        x = self.embed_in(input_ids).to(self.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, cache_pos, kv_len, cache[i] if use_cache else None)
         if last_only:
