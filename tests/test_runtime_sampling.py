@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from toolbox.runtime.sampling import SamplingParams, process_logits, sample
+from toolbox.runtime.sampling import SamplingParams, draw, process_logits, sample
 
 
 def _logits(seed=0, B=4, V=300):
@@ -88,6 +88,17 @@ def test_sampling_follows_the_distribution():
     tokens, _ = sample(logits, SamplingParams(), torch.Generator().manual_seed(0))
     freq = torch.bincount(tokens, minlength=4).float() / tokens.numel()
     torch.testing.assert_close(freq, probs, atol=0.015, rtol=0)
+
+
+def test_draw_inverts_the_cdf_and_never_picks_a_zero():
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]])
+    below_one = torch.nextafter(torch.tensor(1.0), torch.tensor(0.0)).item()
+    # each uniform lands in the interval its token owns; the ends pick the first and last nonzero
+    for u, want in [(0.0, 1), (0.2499, 1), (0.25, 3), (0.9, 3), (below_one, 3)]:
+        assert draw(probs, torch.tensor([[u]])).item() == want, u
+    # rows that do not sum to one (rounding) are scaled, not overrun, and still skip zeros
+    probs = torch.tensor([[0.3, 0.3, 0.0], [0.0, 1e-30, 0.0]])
+    assert draw(probs, torch.full((2, 1), below_one)).tolist() == [1, 1]
 
 
 def test_params_validation():

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -314,6 +316,26 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
         assert engine.drain(10) and engine.admitted == 0
     assert results["static"] == results["continuous"]
     assert all(len(ids) == 12 or ids[-1] == 3 for ids in results["static"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU priorities are Linux's")
+def test_engine_thread_runs_below_the_http_thread(model, keep_torch_threads):
+    """--engine-nice: the model's thread yields the CPU to request handling under load."""
+    from toolbox.backend import LoadOptions
+    from toolbox.loader import load
+    from toolbox.serving.engine import Engine
+
+    loaded = load(model[0], None, "cpu", LoadOptions(threads=1))
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    for nice, want in ((3, min(here + 3, 19)), (0, here)):
+        engine = Engine(loaded.model, 2, 2, nice=nice)
+        engine.start()
+
+        async def engine_priority():
+            return await engine.call(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+        assert asyncio.run(engine_priority()) == want
+        assert engine.drain(10)
 
 
 # -- malformed requests --------------------------------------------------------------------

@@ -4,18 +4,19 @@
 module's ``setup_cache`` one, so a `Generation` on the same module does not disturb it)
 of up to ``capacity`` rows, one request per row, every row at its own length.
 
-Each `step()`:
+Each `step()` does one of two things, then removes the rows that finished ('stop' on
+an EOS id, 'length' after ``max_new_tokens``):
 
-1. admits waiting requests into free rows, in arrival order, and prefills their prompts
-   (into slots ``0..L-1`` of their rows; right-padded together in groups of similar
-   lengths, see `_admit`); the token sampled from a prefill is that request's first
-   event of this step;
-2. runs one decode step over every row that was already running: one forward of
-   ``[n, 1]`` tokens with per-row positions and cache slots (``cache_pos [n,1]``), so
-   causality in slot order is each row's own mask (no ``key_mask``: a row only ever
-   sees the slots it wrote itself);
-3. removes the rows that finished ('stop' on an EOS id, 'length' after
-   ``max_new_tokens``).
+- *admit*: when requests are waiting and free rows exist, it moves them into free
+  rows, in arrival order, and prefills their prompts (into slots ``0..L-1`` of their
+  rows; right-padded together in groups of similar lengths, see `_admit`); the token
+  sampled from a prefill is that request's first event. The step ends there, so first
+  tokens go out without waiting for the running rows' decode;
+- *decode*: otherwise, and always right after an admit step (so a stream of arrivals
+  cannot stall the running rows), one decode step over every running row: one forward
+  of ``[n, 1]`` tokens with per-row positions and cache slots (``cache_pos [n,1]``), so
+  causality in slot order is each row's own mask (no ``key_mask``: a row only ever
+  sees the slots it wrote itself).
 
 Rows are kept compacted: the running requests occupy rows ``0..n-1`` and a decode step
 works on the views ``k[:n]``, ``v[:n]`` (attention trimmed to the longest row with
@@ -60,7 +61,7 @@ from toolbox.backend import TokenEvent
 from toolbox.batching import SequenceRequest
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, apply_repetition_penalty, top_p_filter
+from .sampling import SamplingParams, apply_repetition_penalty, draw, top_p_filter
 
 
 @dataclass(eq=False)
@@ -98,6 +99,7 @@ class ContinuousBatcher:
             self._eos_cols[sorted(self.eos)] = True
         self._waiting: deque[SequenceRequest] = deque()
         self._rows: list[_Row] = []
+        self._decode_owed = False  # the last step admitted: the next one decodes
         self._cache: list[tuple[Tensor, Tensor]] = []
         self._seen: Tensor | None = None  # [rows, V] bool: prompt and output tokens, for the repetition penalty
         self._alloc = (0, 0)  # (rows, slots) allocated
@@ -142,17 +144,20 @@ class ContinuousBatcher:
         return len(self._rows)
 
     def step(self) -> list[TokenEvent]:
-        """Admit waiting requests (their first tokens), then advance the running ones by one token."""
+        """Admit waiting requests (their first tokens), or advance the running ones by one token."""
         events: list[TokenEvent] = []
         with torch.inference_mode():
-            n_old = len(self._rows)
-            for lo, hi in self._admit():
+            groups = [] if self._decode_owed else self._admit()
+            for lo, hi in groups:
                 events += self._pick(self._prefill(lo, hi), lo, hi)
-            if n_old:
-                events += self._pick(self._decode(n_old), 0, n_old)
+            n = len(self._rows) if not groups else 0
+            if n:
+                events += self._pick(self._decode(n), 0, n)
             done = [i for i, row in enumerate(self._rows) if row.done]
             if done:
                 self._remove(done)
+            # an admit step is followed by a decode step of every row, the new ones included
+            self._decode_owed = bool(groups and self._rows)
         return events
 
     def reserve(self, rows: int | None = None, slots: int | None = None) -> None:
@@ -305,13 +310,13 @@ class ContinuousBatcher:
             if banned is not None:
                 s = s.masked_fill(banned, float("-inf"))
             probs = s.softmax(-1)
-            race = torch.ones_like(probs)  # greedy rows keep ones: their race is unused
+            uniforms = torch.zeros(len(rows), 1, device=dev)  # greedy rows: unused
             if any(not p.greedy and r.generator is None for p, r in zip(params, rows)):
-                race.exponential_(generator=self._shared_gen)
+                uniforms.uniform_(generator=self._shared_gen)
             for j, r in enumerate(rows):
                 if r.generator is not None:
-                    race[j].exponential_(generator=r.generator)
-            tokens = (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(-1)
+                    uniforms[j] = torch.rand(1, generator=r.generator, device=dev)
+            tokens = draw(probs, uniforms)
             if any(greedy):  # on greedy rows s is the penalised logits (+ ban): no temperature or filters
                 tokens = torch.where(torch.tensor(greedy, device=dev), s.argmax(-1), tokens)
         logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)

@@ -94,8 +94,8 @@ def sample(
     """Pick one token per row from ``logits [B,V]``; returns ``(tokens [B], logprobs [B])``.
 
     ``seen_mask [B,V]`` marks tokens for the repetition penalty; ``banned [K]`` holds token
-    ids that must not be chosen (e.g. EOS before min_new_tokens). Sampling uses the
-    exponential race (argmax of p / E with E ~ Exp(1)), equivalent to drawing from p.
+    ids that must not be chosen (e.g. EOS before min_new_tokens). A sampled row takes one
+    uniform draw from ``generator`` (see `draw`).
 
     The reported logprob is ``log_softmax`` of the *raw* logits (before penalty,
     temperature and filtering) at the chosen token: the model's own belief.
@@ -108,7 +108,20 @@ def sample(
         tokens = scores.argmax(dim=-1)
     else:
         probs = scores.softmax(dim=-1)
-        race = torch.empty_like(probs).exponential_(generator=generator)
-        tokens = (probs / race.clamp_min_(torch.finfo(probs.dtype).tiny)).argmax(dim=-1)
+        tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
     logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
+
+
+def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Tokens ``[B]`` drawn from ``probs [B,V]`` by inverting each row's CDF at ``uniforms [B,1]``.
+
+    One random number per row, where an exponential race would need one per vocabulary
+    entry (on a CPU that costs more than a small model's whole decode step). A token of
+    probability 0 is never drawn; no host synchronisation, so it runs in a CUDA graph.
+    """
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    # strictly below the total, so that some entry of the CDF always lies above the target
+    target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1)

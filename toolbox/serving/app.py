@@ -47,6 +47,7 @@ class Settings:
     max_body_bytes: int = 4 << 20
     retry_after: int = 1  # seconds, for 429/503
     batch_wait: float = 0.03  # after a batch ends, how long the engine may wait for its clients to return
+    engine_nice: int = 5  # how far the engine thread's CPU priority sits below the HTTP thread's (Linux)
 
 
 # -- state ----------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class ServerState:
     def attach(self, loaded) -> None:
         """Start serving `loaded` (a `toolbox.loader.Loaded`)."""
         s = self.settings
-        engine = Engine(loaded.model, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait)
+        engine = Engine(loaded.model, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait, s.engine_nice)
         engine.start()
         self.name = s.served_model_name or loaded.ref.name
         aliases = set(loaded.ref.spec.names) if loaded.ref.spec else set()
