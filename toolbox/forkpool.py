@@ -17,6 +17,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -45,11 +46,17 @@ def ordered_map(
     if first is None:
         return
     items = itertools.chain([first], items)
-    if processes > 1 and hasattr(os, "fork") and size(first) >= BULK:
+    if processes > 1 and _can_fork() and size(first) >= BULK:
         with ForkPool(fn, processes, initializer) as pool:
             yield from pool.imap(items)
     else:
         yield from prefetch(map(fn, items))
+
+
+def _can_fork() -> bool:
+    # macOS has fork, but system frameworks may not survive it without exec (which is why
+    # Python's multiprocessing spawns there); Windows has none.
+    return hasattr(os, "fork") and sys.platform != "darwin"
 
 
 class ForkPool:
