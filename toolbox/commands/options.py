@@ -47,6 +47,13 @@ def stdin_bytes():
     return sys.stdin.buffer
 
 
+def stdin_unbuffered():
+    """stdin below Python's buffer, for reading on a background thread: an exit while such a
+    thread waits inside the buffered reader aborts the interpreter (it cannot take the
+    reader's lock at shutdown)."""
+    return sys.stdin.buffer.raw
+
+
 def stdout_bytes():
     return sys.stdout.buffer
 

@@ -12,6 +12,7 @@ from toolbox.commands.options import (
     model_options,
     nl_option,
     stdin_bytes,
+    stdin_unbuffered,
     stdout_bytes,
 )
 from toolbox.prompts import NL, to_model_text
@@ -68,7 +69,7 @@ def tokenize(text, fmt, as_json, whole, bos, eos, parse_special, nl, errors, mod
         def single_threaded():
             tok.threads = 1  # each worker process encodes on one core
 
-        blocks = iter_line_blocks(stdin_bytes(), BLOCK)
+        blocks = iter_line_blocks(stdin_unbuffered(), BLOCK)  # read on a prefetch thread
         for data, error in ordered_map(
             block_output, blocks, processes=tok.threads, size=lambda b: len(b[1]), initializer=single_threaded
         ):
