@@ -50,8 +50,8 @@ def stdin_bytes():
 def stdin_unbuffered():
     """stdin below Python's buffer, for reading on a background thread: an exit while such a
     thread waits inside the buffered reader aborts the interpreter (it cannot take the
-    reader's lock at shutdown)."""
-    return sys.stdin.buffer.raw
+    reader's lock at shutdown). An in-memory stdin (click's test runner) is returned as is."""
+    return getattr(sys.stdin.buffer, "raw", sys.stdin.buffer)
 
 
 def stdout_bytes():
