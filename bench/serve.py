@@ -55,6 +55,8 @@ def start_server(args, port: int) -> subprocess.Popen:
            "--no-access-log", "--log-level", "warning"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if not args.model_process:
+        cmd += ["--no-model-process"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     deadline = time.monotonic() + 120
@@ -183,6 +185,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=1, help="sweeps over the client counts; each level reports its median run")
     ap.add_argument("--max-batch-size", type=int, default=64)
+    ap.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
+                    help="the server's model in a process of its own (its default) or on a thread of the server")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     ap.add_argument("--engine", action="store_true",
                     help="drive the engine in this process instead (no HTTP): the batching ceiling")
@@ -238,7 +242,7 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "duration", "warmup", "max_tokens",
+        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "model_process", "duration", "warmup", "max_tokens",
                                                    "max_batch_size", "repeat", "engine")},
         "load_average_after": os.getloadavg(),
         "levels": rows,

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -338,6 +339,59 @@ def test_engine_thread_runs_below_the_http_thread(model, keep_torch_threads):
         assert engine.drain(10)
 
 
+def model_process(server: ServerProcess) -> int:
+    """The pid of the server's model process (its one child)."""
+    children = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _ppid(p) == server.proc.pid]
+    assert len(children) == 1, children
+    return children[0]
+
+
+def _ppid(proc_dir: Path) -> int | None:
+    try:  # the command name may hold spaces: the fields after ")" are unambiguous
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _nice(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_model_runs_in_a_process_of_its_own(servers):
+    """The default: torch and the model live in a child process, niced below the HTTP side."""
+    server = servers["main"]
+    pid = model_process(server)
+    assert "toolbox.serving.worker" in Path(f"/proc/{pid}/cmdline").read_text()
+    assert _nice(pid) == min(_nice(server.proc.pid) + 5, 19)  # --engine-nice 5
+    assert "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    assert "libtorch" not in Path(f"/proc/{server.proc.pid}/maps").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_dead_model_process_fails_requests_not_the_server(model):
+    server = ServerProcess(model[0]).wait_ready()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            with client.stream("POST", "/v1/completions",
+                               json={"prompt": PROMPT, "max_tokens": 200, "min_tokens": 200, "stream": True}) as r:
+                chunks = r.iter_bytes()
+                received = next(chunks)
+                os.kill(model_process(server), signal.SIGKILL)
+                for part in chunks:  # the stream ends, with an error event, instead of hanging
+                    received += part
+            error = [e for e in parse_sse(received.decode()) if e != "[DONE]" and "error" in e]
+            assert error and "model process exited (killed by signal 9)" in error[0]["error"]["message"]
+            health = client.get("/health")
+            assert health.status_code == 503 and health.json()["status"] == "failed"
+            r = client.post("/v1/completions", json={"prompt": "猫", "max_tokens": 2})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "model_failed", r.text
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=30) == 0, server.log()
+    finally:
+        server.stop()
+
+
 # -- malformed requests --------------------------------------------------------------------
 
 BAD = [
@@ -509,6 +563,7 @@ def test_queue_limit_429_and_disconnect_frees_the_slot(small, ctx):
 
 def test_sigterm_drains_in_flight_requests_and_exits_0(small):
     url = small.url
+    worker = model_process(small) if sys.platform.startswith("linux") else None
     with httpx.Client(timeout=60) as client:
         with long_stream(url, client, 48) as stream:
             chunks = stream.iter_bytes()
@@ -520,5 +575,7 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(small):
     assert events[-1] == "[DONE]"
     assert [c["finish_reason"] for e in events[:-1] for c in e["choices"]][-1] == "length"
     assert small.proc.wait(timeout=30) == 0, small.log()
+    if worker is not None:  # the model process is gone too
+        assert not Path(f"/proc/{worker}").exists() or "Z" == Path(f"/proc/{worker}/stat").read_text().rsplit(")")[1].split()[0]
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{url}/health", timeout=2)

@@ -30,6 +30,7 @@ class Batcher(Protocol):
     """What the server's engine thread drives."""
 
     capacity: int
+    runs_groups: bool  # optional (default False): one group at a time, not a continuous batch
 
     def add(self, request: SequenceRequest) -> None: ...
 
@@ -48,6 +49,8 @@ class Batcher(Protocol):
 
 class StaticBatcher:
     """Runs waiting requests in groups of equal settings through `generate_tokens`."""
+
+    runs_groups = True  # one group at a time: the engine lets returning clients gather first
 
     def __init__(self, model: LoadedModel, capacity: int):
         self.model, self.capacity = model, capacity

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -37,16 +38,19 @@ def _loopback(host: str) -> bool:
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=30, show_default=True,
               help="On SIGTERM, seconds to let in-flight requests finish before they are cut off.")
 @click.option("--root-path", default="", help="URL prefix when a reverse proxy mounts the server under a sub-path.")
+@click.option("--model-process/--no-model-process", default=os.name == "posix",
+              help="Run the model in a process of its own (the default on POSIX), so requests and streams never "
+                   "wait for the model's Python code; --no-model-process runs it on a thread of the server.")
 @click.option("--engine-nice", type=click.IntRange(0, 19), default=5, show_default=True,
-              help="Run the model's thread this many nice levels below the HTTP thread (Linux), so requests "
-                   "and streams stay responsive while the model keeps the CPU busy; 0 = same priority.")
+              help="Run the model this many nice levels below the HTTP side (Linux), so requests and streams "
+                   "stay responsive while the model keeps the CPU busy; 0 = same priority.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
 @backend_options
 @model_options
-def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout, root_path, engine_nice,
-          log_level, access_log, backend, device, dtype, threads, model, revision):
+def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout, root_path, model_process,
+          engine_nice, log_level, access_log, backend, device, dtype, threads, model, revision):
     """Serve the model over HTTP: Azure ML /score, OpenAI /v1/completions and /v1/chat/completions.
 
     Also /v1/models, /tokenize, /detokenize, /health (503 until the model is loaded)
@@ -77,9 +81,11 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     except ImportError as exc:
         raise ToolboxError(f"toolbox serve needs fastapi, uvicorn and prometheus_client ({exc})") from None
     from toolbox.loader import load
+    from toolbox.serving.worker import load_in_process
 
     settings = Settings(served_model_name=served_model_name, api_key=api_key or None, max_batch_size=max_batch_size,
-                        max_queue=max_queue, shutdown_timeout=shutdown_timeout, engine_nice=engine_nice)
+                        max_queue=max_queue, shutdown_timeout=shutdown_timeout, engine_nice=engine_nice,
+                        model_process=model_process)
     app = create_app(None, settings)
     state = app.state.server
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
@@ -89,7 +95,11 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
 
     def load_model():
         try:
-            loaded = load(model, revision, backend, load_options(device, dtype, threads))
+            options = load_options(device, dtype, threads)
+            if model_process:
+                loaded = load_in_process(model, revision, backend, options, engine_nice)
+            else:
+                loaded = load(model, revision, backend, options)
             state.attach(loaded)
             click.echo(f"toolbox serve: {state.name} loaded on {loaded.backend}; ready", err=True)
         except BaseException as exc:  # noqa: BLE001 - reported after the server stops

@@ -47,7 +47,8 @@ class Settings:
     max_body_bytes: int = 4 << 20
     retry_after: int = 1  # seconds, for 429/503
     batch_wait: float = 0.03  # after a batch ends, how long the engine may wait for its clients to return
-    engine_nice: int = 5  # how far the engine thread's CPU priority sits below the HTTP thread's (Linux)
+    engine_nice: int = 5  # how far the model's CPU priority sits below the HTTP side's (Linux)
+    model_process: bool = False  # the model runs in a child process (a `WorkerModel`), already niced
 
 
 # -- state ----------------------------------------------------------------------------
@@ -70,7 +71,8 @@ class ServerState:
     def attach(self, loaded) -> None:
         """Start serving `loaded` (a `toolbox.loader.Loaded`)."""
         s = self.settings
-        engine = Engine(loaded.model, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait, s.engine_nice)
+        nice = 0 if s.model_process else s.engine_nice
+        engine = Engine(loaded.model, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait, nice)
         engine.start()
         self.name = s.served_model_name or loaded.ref.name
         aliases = set(loaded.ref.spec.names) if loaded.ref.spec else set()
@@ -83,10 +85,18 @@ class ServerState:
     def failed(self, exc: BaseException) -> None:
         self.status, self.error = "failed", str(exc)
 
+    def current_status(self) -> str:
+        """The status, turned to "failed" once the engine has stopped or the model process died."""
+        if self.status == "ok":
+            failure = self.engine.failure or getattr(self.loaded.model, "failure", None)
+            if failure is not None:
+                self.failed(failure)
+        return self.status
+
     def ready(self):
-        """(loaded, engine), or 503 while loading / stopping."""
-        if self.status != "ok":
-            why = {"loading": "the model is still loading", "failed": f"the model failed to load: {self.error}",
+        """(loaded, engine), or 503 while loading / stopping / failed."""
+        if self.current_status() != "ok":
+            why = {"loading": "the model is still loading", "failed": f"the model failed: {self.error}",
                    "stopping": "the server is shutting down"}[self.status]
             raise APIError(503, why, code=f"model_{self.status}" if self.status != "stopping" else "shutting_down",
                            headers={"Retry-After": str(self.settings.retry_after)})
@@ -103,6 +113,8 @@ class ServerState:
             clean = await asyncio.to_thread(self.engine.drain, self.settings.shutdown_timeout)
             if not clean:
                 log.warning("shutdown: in-flight requests did not finish within %ss", self.settings.shutdown_timeout)
+        if self.settings.model_process and self.loaded is not None:
+            await asyncio.to_thread(self.loaded.model.close)
 
 
 # -- request helpers ----------------------------------------------------------------
@@ -496,8 +508,8 @@ def create_app(loaded, settings: Settings | None = None) -> FastAPI:
              responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
     async def health():
         """200 once the model is loaded and serving; 503 before (and while shutting down). Never needs a key."""
-        body = {"status": state.status, "model": state.name}
-        if state.status == "ok":
+        body = {"status": state.current_status(), "model": state.name}
+        if body["status"] == "ok":
             return body
         return JSONResponse(body, status_code=503, headers={"Retry-After": str(settings.retry_after)})
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from toolbox.backend import GenerationParams, LoadedModel
-from toolbox.batching import SequenceRequest, StaticBatcher
+from toolbox.batching import SequenceRequest
 from toolbox.streaming import TextAssembler
 
 log = logging.getLogger("toolbox.serve")
@@ -149,7 +149,7 @@ class Engine:
         self._batcher = model.batcher(max_batch_size)
         # a batcher that runs one group at a time needs the gathering pause (see _gather);
         # one that admits requests into the running batch (continuous batching) does not
-        self._groups = isinstance(self._batcher, StaticBatcher)
+        self._groups = getattr(self._batcher, "runs_groups", False)
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
         self._intake: list[_Sequence] = []

@@ -1,0 +1,219 @@
+"""The served model in a process of its own, driven over a socket by the server's engine.
+
+Python runs one thread of a process at a time (the GIL). With the model on a thread of
+the HTTP process, every request, every stream chunk and every first token waited for
+the model's Python code between tensor operations; under load that tripled time to
+first token. `toolbox serve` therefore loads the model in a child process
+(`python -m toolbox.serving.worker FD`, spawned, never forked: CUDA and thread pools
+do not survive a fork) and talks to it over a socket pair.
+
+The parent's `WorkerModel` is what the server needs of a `LoadedModel` (`tokenizer`,
+`context_length`, `describe`, `score`, `batcher`); its `RemoteBatcher` forwards the
+`toolbox.batching.Batcher` protocol. Only the engine thread calls them, one call and one
+reply at a time. Cancellations wait for the next step and travel with it, so a step
+costs one round trip. The child ignores SIGINT and SIGTERM (the parent decides when the
+server stops) and exits when the parent closes the socket or dies.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+from toolbox.backend import LoadOptions, TokenEvent
+from toolbox.batching import SequenceRequest
+from toolbox.errors import ToolboxError
+
+
+class WorkerError(RuntimeError):
+    """The model process failed or went away."""
+
+
+class WorkerModel:
+    """A model loaded in a child process; see the module docstring."""
+
+    def __init__(self, model: str | None, revision: str | None, backend: str, options: LoadOptions, nice: int = 0):
+        """Start the child and load the model there (blocks until loaded; raises ToolboxError on failure)."""
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            self._conn = Connection(ours.detach())
+        self._lock = threading.Lock()
+        self.failure: WorkerError | None = None  # set once the process is gone
+        try:
+            self.backend, self.tokenizer, self.context_length, self._description = self.call(
+                "load", model, revision, backend, options, nice)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
+
+    def call(self, op: str, *args):
+        """Run `op` in the child and return its result, re-raising its error here."""
+        with self._lock:
+            try:
+                self._conn.send((op, args))
+                status, value = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self.failure = WorkerError(f"the model process exited ({self._exit_status()})")
+                raise self.failure from exc
+        if status == "error":
+            raise _rebuild(*value)
+        return value
+
+    def describe(self) -> dict:
+        return self._description
+
+    def score(self, sequences):
+        return self.call("score", sequences)
+
+    def score_from(self, sequences, first):
+        return self.call("score_from", sequences, first)
+
+    def batcher(self, capacity: int) -> RemoteBatcher:
+        """A fresh batcher in the child (replacing any earlier one)."""
+        return RemoteBatcher(self, capacity, self.call("batcher", capacity))
+
+    def close(self, timeout: float = 10) -> None:
+        """Ask the child to exit and wait for it (killed after `timeout` s)."""
+        try:
+            self._conn.close()
+        finally:
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+    def _exit_status(self) -> str:
+        try:
+            code = self._proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return "connection lost"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+class RemoteBatcher:
+    """The `Batcher` protocol, forwarded to the model process."""
+
+    def __init__(self, worker: WorkerModel, capacity: int, runs_groups: bool):
+        self.capacity = capacity
+        self.runs_groups = runs_groups
+        self._worker = worker
+        self._cancels: list[int] = []
+        self._pending = self._running = 0
+
+    def add(self, request: SequenceRequest) -> None:
+        self._pending, self._running = self._worker.call("add", request)
+
+    def cancel(self, request_id: int) -> None:
+        self._cancels.append(request_id)
+
+    def step(self) -> list[TokenEvent]:
+        cancels, self._cancels = self._cancels, []
+        events, self._pending, self._running = self._worker.call("step", cancels)
+        return [TokenEvent(*e) for e in events]
+
+    def pending(self) -> int:
+        return self._pending
+
+    def running(self) -> int:
+        return self._running
+
+
+def load_in_process(model: str | None, revision: str | None, backend: str, options: LoadOptions, nice: int = 0):
+    """Like `toolbox.loader.load`, with the model in a child process `nice` levels below this one."""
+    from toolbox.checkpoints import parse_model
+    from toolbox.loader import Loaded
+
+    worker = WorkerModel(model, revision, backend, options, nice)
+    return Loaded(parse_model(model, revision), worker, worker.backend)
+
+
+def _rebuild(kind: str, name: str, message: str) -> Exception:
+    """The parent's copy of an exception raised in the child."""
+    if kind == "toolbox":
+        return ToolboxError(message)
+    cls = getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception):
+        return cls(message)
+    return WorkerError(f"{name}: {message}")
+
+
+# -- the child ------------------------------------------------------------------------
+
+
+class _Served:
+    """The child's side: the loaded model and its current batcher."""
+
+    def __init__(self):
+        self.model = self.current = None  # the LoadedModel; its batcher
+
+    def load(self, model, revision, backend, options, nice):
+        from toolbox.loader import load
+
+        if nice > 0:
+            os.nice(nice)
+        loaded = load(model, revision, backend, options)
+        self.model = loaded.model
+        return loaded.backend, self.model.tokenizer, self.model.context_length, self.model.describe()
+
+    def batcher(self, capacity):
+        self.current = self.model.batcher(capacity)
+        return getattr(self.current, "runs_groups", False)
+
+    def add(self, request):
+        self.current.add(request)
+        return self.current.pending(), self.current.running()
+
+    def step(self, cancels):
+        batcher = self.current
+        for request_id in cancels:
+            batcher.cancel(request_id)
+        events = batcher.step() if batcher.pending() else []
+        return [(e.seq, e.token_id, e.logprob, e.finish_reason) for e in events], batcher.pending(), batcher.running()
+
+    def score(self, sequences):
+        return self.model.score(sequences)
+
+    def score_from(self, sequences, first):
+        return self.model.score_from(sequences, first)
+
+
+def _serve(conn: Connection) -> None:
+    served = _Served()
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply = ("ok", getattr(served, op)(*args))
+        except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it there
+            kind = "toolbox" if isinstance(exc, ToolboxError) else "other"
+            message = exc.format_message() if isinstance(exc, ToolboxError) else str(exc)
+            reply = ("error", (kind, type(exc).__name__, message))
+        try:
+            conn.send(reply)
+        except OSError:
+            return
+
+
+def main() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _serve(Connection(int(sys.argv[1])))
+
+
+if __name__ == "__main__":
+    main()
