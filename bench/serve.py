@@ -3,8 +3,8 @@
     python bench/serve.py [--model embedded] [--clients 1,4,16,64] [--duration 10] [--max-tokens 32]
 
 Starts `toolbox serve` on a free loopback port (CPU backend unless --backend says
-otherwise), then for each client count runs that many closed-loop clients (httpx,
-asyncio): each sends a streaming /v1/completions request (max_tokens = min_tokens =
+otherwise), then for each client count runs that many closed-loop clients (aiohttp,
+or httpx with --client httpx; asyncio): each sends a streaming /v1/completions request (max_tokens = min_tokens =
 --max-tokens, so every request generates exactly that many tokens), reads the stream
 to the end and immediately sends the next one, for --duration seconds after a
 --warmup. With --repeat N the sweep runs N times (interleaved) and each level reports
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
 import os
@@ -73,7 +74,8 @@ def start_server(args, port: int) -> subprocess.Popen:
     raise SystemExit("server did not become healthy in 120 s")
 
 
-async def client(http: httpx.AsyncClient, k: int, args, stop_at: float, window: tuple, out: dict) -> None:
+async def client(post, k: int, args, stop_at: float, window: tuple, out: dict) -> None:
+    """One closed-loop client; `post(body)` is an async context manager giving (status, async chunk iterator)."""
     i = k
     while time.perf_counter() < stop_at:
         body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "min_tokens": args.max_tokens,
@@ -81,16 +83,15 @@ async def client(http: httpx.AsyncClient, k: int, args, stop_at: float, window: 
         i += 1
         sent = time.perf_counter()
         first = None
-        async with http.stream("POST", "/v1/completions", json=body) as r:
-            if r.status_code != 200:
+        async with post(body) as (status, chunks):
+            if status != 200:
                 out["errors"] += 1
-                await r.aread()
                 await asyncio.sleep(0.05)
                 continue
             # raw bytes, no text decoding: with return_token_ids every token is one event, so
             # counting events is enough (keeps the client's CPU use, which shares the machine, low)
             buf = b""
-            async for raw in r.aiter_raw():
+            async for raw in chunks:
                 now = time.perf_counter()
                 *events, buf = (buf + raw).split(b"\n\n")
                 done = bool(events) and events[-1] == b"data: [DONE]"
@@ -108,13 +109,37 @@ async def client(http: httpx.AsyncClient, k: int, args, stop_at: float, window: 
         out["requests"] += 1
 
 
+@contextlib.asynccontextmanager
+async def http_session(base: str, clients: int, kind: str):
+    """`post(body)` for `client`, over aiohttp (default: its C parser keeps the client's CPU cost,
+    which shares this machine with the server, low) or httpx (for comparison)."""
+    url = base + "/v1/completions"
+    if kind == "httpx":
+        limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            @contextlib.asynccontextmanager
+            async def post(body):
+                async with http.stream("POST", url, json=body) as r:
+                    yield r.status_code, r.aiter_raw()
+            yield post
+        return
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=clients + 4)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as http:
+        @contextlib.asynccontextmanager
+        async def post(body):
+            async with http.post(url, json=body) as r:
+                yield r.status, r.content.iter_any()
+        yield post
+
+
 async def level(base: str, clients: int, args) -> dict:
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+    async with http_session(base, clients, args.client) as post:
         start = time.perf_counter()
         window = (start + args.warmup, start + args.warmup + args.duration)
         out = {"tokens": 0, "ttft": [], "latency": [], "requests": 0, "errors": 0}
-        await asyncio.gather(*(client(http, k, args, window[1], window, out) for k in range(clients)))
+        await asyncio.gather(*(client(post, k, args, window[1], window, out) for k in range(clients)))
     return summarize(clients, out, args)
 
 
@@ -187,6 +212,8 @@ def main() -> None:
     ap.add_argument("--max-batch-size", type=int, default=64)
     ap.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=True,
                     help="the server's model in a process of its own (its default) or on a thread of the server")
+    ap.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp",
+                    help="the benchmark's HTTP client (aiohttp: the lighter one, see docs/performance.md)")
     ap.add_argument("--url", default=None, help="use a running server instead of starting one")
     ap.add_argument("--engine", action="store_true",
                     help="drive the engine in this process instead (no HTTP): the batching ceiling")
@@ -242,7 +269,7 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "model_process", "duration", "warmup", "max_tokens",
+        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "model_process", "client", "duration", "warmup", "max_tokens",
                                                    "max_batch_size", "repeat", "engine")},
         "load_average_after": os.getloadavg(),
         "levels": rows,

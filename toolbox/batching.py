@@ -31,6 +31,8 @@ class Batcher(Protocol):
 
     capacity: int
     runs_groups: bool  # optional (default False): one group at a time, not a continuous batch
+    # optional: a batcher whose `add` cannot refuse at once (it defers the work) offers
+    # `take_refused() -> list[tuple[int, Exception]]`, the requests it refused since the last call
 
     def add(self, request: SequenceRequest) -> None: ...
 

@@ -278,8 +278,7 @@ class Engine:
                     try:
                         batcher.add(SequenceRequest(seq.id, seq.spec.prompt, batch_params(seq.spec.params)))
                     except Exception as exc:  # noqa: BLE001 - the batcher refused it: fail this request only
-                        log.error("the batcher refused a sequence: %s", exc)
-                        self._fail_sequence(seq, EngineFailure(f"the backend refused the request: {exc}"))
+                        self._refuse(seq, exc)
                         continue
                     self._live[seq.id] = seq
             for fn, fut, loop in calls:
@@ -293,6 +292,10 @@ class Engine:
                     self._batcher = self.model.batcher(self.max_batch_size)
                     continue
                 self._deliver(events)
+                for request_id, exc in getattr(batcher, "take_refused", list)():  # a batcher that defers `add`
+                    seq = self._live.pop(request_id, None)
+                    if seq is not None:
+                        self._refuse(seq, exc)
                 if batcher.pending() == 0 and self._live:  # the batcher dropped sequences without finishing them
                     self._fail_lost()
             running = batcher.running()
@@ -389,6 +392,10 @@ class Engine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the loop is closed (shutdown); nobody is listening
                 pass
+
+    def _refuse(self, seq: _Sequence, exc: Exception) -> None:
+        log.error("the batcher refused a sequence: %s", exc)
+        self._fail_sequence(seq, EngineFailure(f"the backend refused the request: {exc}"))
 
     def _fail_sequence(self, seq: _Sequence, exc: BaseException) -> None:
         """Fail one sequence's request (its other sequences are cancelled by the handler)."""

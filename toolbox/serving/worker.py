@@ -104,28 +104,42 @@ class WorkerModel:
 
 
 class RemoteBatcher:
-    """The `Batcher` protocol, forwarded to the model process."""
+    """The `Batcher` protocol, forwarded to the model process.
+
+    `add` and `cancel` are held until the next `step`, which carries them: one round trip
+    per step however many requests arrive. A request the child's batcher refuses is
+    reported by `take_refused` after that step.
+    """
 
     def __init__(self, worker: WorkerModel, capacity: int, runs_groups: bool):
         self.capacity = capacity
         self.runs_groups = runs_groups
         self._worker = worker
+        self._adds: list[SequenceRequest] = []
         self._cancels: list[int] = []
+        self._refused: list[tuple[int, Exception]] = []
         self._pending = self._running = 0
 
     def add(self, request: SequenceRequest) -> None:
-        self._pending, self._running = self._worker.call("add", request)
+        self._adds.append(request)
 
     def cancel(self, request_id: int) -> None:
         self._cancels.append(request_id)
 
     def step(self) -> list[TokenEvent]:
-        cancels, self._cancels = self._cancels, []
-        events, self._pending, self._running = self._worker.call("step", cancels)
+        adds, cancels = self._adds, self._cancels
+        self._adds, self._cancels = [], []
+        events, refused, self._pending, self._running = self._worker.call("step", adds, cancels)
+        self._refused += [(request_id, _rebuild(*error)) for request_id, error in refused]
         return [TokenEvent(*e) for e in events]
 
+    def take_refused(self) -> list[tuple[int, Exception]]:
+        """(request id, why) of the requests the model's batcher refused since the last call."""
+        refused, self._refused = self._refused, []
+        return refused
+
     def pending(self) -> int:
-        return self._pending
+        return self._pending + len(self._adds)
 
     def running(self) -> int:
         return self._running
@@ -138,6 +152,13 @@ def load_in_process(model: str | None, revision: str | None, backend: str, optio
 
     worker = WorkerModel(model, revision, backend, options, nice)
     return Loaded(parse_model(model, revision), worker, worker.backend)
+
+
+def _describe(exc: Exception) -> tuple[str, str, str]:
+    """What the parent needs to rebuild `exc` (see `_rebuild`); exceptions themselves may not pickle."""
+    if isinstance(exc, ToolboxError):
+        return "toolbox", type(exc).__name__, exc.format_message()
+    return "other", type(exc).__name__, str(exc)
 
 
 def _rebuild(kind: str, name: str, message: str) -> Exception:
@@ -172,16 +193,18 @@ class _Served:
         self.current = self.model.batcher(capacity)
         return getattr(self.current, "runs_groups", False)
 
-    def add(self, request):
-        self.current.add(request)
-        return self.current.pending(), self.current.running()
-
-    def step(self, cancels):
-        batcher = self.current
+    def step(self, adds, cancels):
+        batcher, refused = self.current, []
+        for request in adds:
+            try:
+                batcher.add(request)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                refused.append((request.id, _describe(exc)))
         for request_id in cancels:
             batcher.cancel(request_id)
         events = batcher.step() if batcher.pending() else []
-        return [(e.seq, e.token_id, e.logprob, e.finish_reason) for e in events], batcher.pending(), batcher.running()
+        return ([(e.seq, e.token_id, e.logprob, e.finish_reason) for e in events], refused,
+                batcher.pending(), batcher.running())
 
     def score(self, sequences):
         return self.model.score(sequences)
@@ -200,9 +223,7 @@ def _serve(conn: Connection) -> None:
         try:
             reply = ("ok", getattr(served, op)(*args))
         except Exception as exc:  # noqa: BLE001 - handed to the parent, which raises it there
-            kind = "toolbox" if isinstance(exc, ToolboxError) else "other"
-            message = exc.format_message() if isinstance(exc, ToolboxError) else str(exc)
-            reply = ("error", (kind, type(exc).__name__, message))
+            reply = ("error", _describe(exc))
         try:
             conn.send(reply)
         except OSError:
