@@ -3,9 +3,10 @@
 Every configuration runs in its own child process (so peak RSS is its own) with the
 same thread count, batch 1, greedy, a fixed number of new tokens (EOS held off):
 
-- the embedded model: `cpu` fp32 vs transformers fp32 (decode tokens/s);
+- the embedded model: `cpu` fp32, eager and compiled (TOOLBOX_CPU_COMPILE=1; the
+  load time includes compiling), vs transformers fp32 (decode tokens/s);
 - shape S (hidden 1024, 8 layers, 8 heads, intermediate 4096, vocab 32000), random
-  weights: `cpu` fp32/bf16 and `quant` int8 vs transformers fp32/bf16/int8
+  weights: `cpu` fp32/bf16 (bf16 also compiled) and `quant` int8 vs transformers fp32/bf16/int8
   (`quantize_dynamic`): decode tokens/s, prompt processing (512 tokens) tokens/s and
   peak RSS. `quant` runs twice: the first load quantizes the fp16 checkpoint and writes
   the quantized-weight cache (a fresh one in a temporary directory), the second loads
@@ -40,17 +41,20 @@ LLAMA_CPP = {  # measurements.md, shape S, 2 cores: tg tokens/s, pp512 tokens/s,
     "q8_0": (171, 200, 900, 900, 0.20),
     "q4_0": (305, 325, 1058, 1148, 0.18),
 }
+COMPILED = {"TOOLBOX_CPU_COMPILE": "1"}
 CONFIGS = [
-    # (name, model, engine, dtype)
-    ("embedded ours fp32", "embedded", "cpu", "float32"),
-    ("embedded transformers fp32", "embedded", "hf", "float32"),
-    ("S ours fp32", "S", "cpu", "float32"),
-    ("S transformers fp32", "S", "hf", "float32"),
-    ("S ours bf16", "S", "cpu", "bfloat16"),
-    ("S transformers bf16", "S", "hf", "bfloat16"),
-    ("S ours int8 (quant), first load", "S", "quant", "int8"),  # quantizes, writes the cache
-    ("S ours int8 (quant)", "S", "quant", "int8"),  # from the quantized-weight cache, as every later run
-    ("S transformers int8 (quantize_dynamic)", "S", "hf", "int8"),
+    # (name, model, engine, dtype, environment)
+    ("embedded ours fp32", "embedded", "cpu", "float32", {}),
+    ("embedded ours fp32, compiled", "embedded", "cpu", "float32", COMPILED),
+    ("embedded transformers fp32", "embedded", "hf", "float32", {}),
+    ("S ours fp32", "S", "cpu", "float32", {}),
+    ("S transformers fp32", "S", "hf", "float32", {}),
+    ("S ours bf16", "S", "cpu", "bfloat16", {}),
+    ("S ours bf16, compiled", "S", "cpu", "bfloat16", COMPILED),
+    ("S transformers bf16", "S", "hf", "bfloat16", {}),
+    ("S ours int8 (quant), first load", "S", "quant", "int8", {}),  # quantizes, writes the cache
+    ("S ours int8 (quant)", "S", "quant", "int8", {}),  # from the quantized-weight cache, as every later run
+    ("S transformers int8 (quantize_dynamic)", "S", "hf", "int8", {}),
 ]
 
 
@@ -76,10 +80,12 @@ def child(args) -> dict:
     prompt = list(range(100, 116))
     context = json.loads((Path(args.model_dir) / "config.json").read_text())["max_position_embeddings"]
     long_prompt = [100 + (i * 37) % 7000 for i in range(min(512, context - 1))]
+    start = time.perf_counter()
     if args.engine == "hf":
         decode, prefill = _hf(args)
     else:
         decode, prefill = _ours(args)
+    load_s = time.perf_counter() - start
     decode(prompt)  # warm up
     prefill(long_prompt)
     tg = max(args.new_tokens / _timed(decode, prompt) for _ in range(args.runs))
@@ -87,7 +93,8 @@ def child(args) -> dict:
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
     status = Path("/proc/self/status").read_text()
     peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
-    return {"decode_tokens_per_s": round(tg, 1), "prompt_tokens_per_s": round(pp, 1), "peak_rss_mb": round(peak_mb, 1)}
+    return {"decode_tokens_per_s": round(tg, 1), "prompt_tokens_per_s": round(pp, 1), "peak_rss_mb": round(peak_mb, 1),
+            "load_s": round(load_s, 1)}
 
 
 def _timed(fn, arg) -> float:
@@ -139,14 +146,14 @@ def _hf(args):
     return decode, prefill
 
 
-def run_config(name, model_dir, engine, dtype, args, cache_dir: Path) -> dict:
+def run_config(name, model_dir, engine, dtype, environment, args, cache_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--engine", engine, "--dtype", dtype,
            "--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
-    env = {**os.environ, "TOOLBOX_CACHE": str(cache_dir)}
+    env = {**os.environ, "TOOLBOX_CACHE": str(cache_dir), **environment}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{name:42s} decode {result['decode_tokens_per_s']:8.1f} tok/s   prompt {result['prompt_tokens_per_s']:8.1f} tok/s"
-          f"   peak RSS {result['peak_rss_mb']} MB", flush=True)
+          f"   peak RSS {result['peak_rss_mb']} MB   load {result['load_s']} s", flush=True)
     return result
 
 
@@ -171,17 +178,19 @@ def main() -> None:
         configs = [c for c in CONFIGS if c[1] == "embedded" or not args.quick]
         if not args.quick:
             build_shape_s(shape_s)
-        for name, model, engine, dtype in configs:
+        for name, model, engine, dtype, environment in configs:
             model_dir = EMBEDDED if model == "embedded" else shape_s
-            results[name] = run_config(name, model_dir, engine, dtype, args, Path(tmp) / "cache")
+            results[name] = run_config(name, model_dir, engine, dtype, environment, args, Path(tmp) / "cache")
 
     def ratio(a, b, key="decode_tokens_per_s"):
         return round(results[a][key] / results[b][key], 2) if a in results and b in results else None
 
     summary = {
         "embedded decode, ours / transformers": ratio("embedded ours fp32", "embedded transformers fp32"),
+        "embedded decode compiled, ours / transformers": ratio("embedded ours fp32, compiled", "embedded transformers fp32"),
         "S fp32 decode, ours / transformers": ratio("S ours fp32", "S transformers fp32"),
         "S bf16 decode, ours / transformers": ratio("S ours bf16", "S transformers bf16"),
+        "S bf16 decode compiled, ours / transformers": ratio("S ours bf16, compiled", "S transformers bf16"),
         "S int8 decode, ours / transformers": ratio("S ours int8 (quant)", "S transformers int8 (quantize_dynamic)"),
         "S bf16 prompt, ours / transformers": ratio("S ours bf16", "S transformers bf16", "prompt_tokens_per_s"),
         "S int8 peak RSS / fp32 peak RSS": ratio("S ours int8 (quant)", "S ours fp32", "peak_rss_mb"),

@@ -33,6 +33,22 @@ class LoadOptions:
     extra: dict = field(default_factory=dict)
 
 
+def extra_flag(value, env_value, default: bool) -> bool:
+    """A boolean backend option: `value` (from `LoadOptions.extra`), else `env_value` (the CLI's way), else `default`."""
+    if value is None:
+        value = env_value
+    if value is None or value == "":
+        return default
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
+    return bool(value)
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Sampling and stopping settings for one generate call (temperature 0 = greedy)."""

@@ -1,10 +1,17 @@
-"""Built-in backend `cpu`: the shared runtime on the CPU in float32 or bfloat16."""
+"""Built-in backend `cpu`: the shared runtime on the CPU in float32 or bfloat16.
+
+Option (``LoadOptions.extra``, or the environment for the CLI): ``compile`` /
+``TOOLBOX_CPU_COMPILE`` (default off): decode through a step compiled by inductor
+(`toolbox.runtime.cpu.compiled_decode`), compiled while loading. It pays off on long
+generations: see docs/generate.md.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from toolbox.backend import Backend, LoadOptions
+from toolbox.backend import Backend, GenerationParams, LoadOptions, extra_flag
 from toolbox.hookspecs import hookimpl
 
 
@@ -16,7 +23,7 @@ class CPUBackend(Backend):
         import torch
 
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.cpu import pack_linears
+        from toolbox.runtime.cpu import compiled_decode, pack_linears
         from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer, load_module, torch_dtype
 
         if options.device not in (None, "cpu"):
@@ -24,10 +31,33 @@ class CPUBackend(Backend):
         dtype = torch_dtype(options.dtype or "float32", ("float32", "bfloat16"))
         if options.threads:
             torch.set_num_threads(options.threads)
-        module = pack_linears(load_module(checkpoint, "cpu", dtype))
+        try:
+            compiled = extra_flag(options.extra.get("compile"), os.environ.get("TOOLBOX_CPU_COMPILE"), False)
+        except ValueError as exc:
+            raise ToolboxError(f"TOOLBOX_CPU_COMPILE: {exc}") from None
+        module = load_module(checkpoint, "cpu", dtype)
+        if not compiled:  # inductor packs the weights itself, and better
+            pack_linears(module)
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
-                "threads": torch.get_num_threads()}
-        return RuntimeModel(module, checkpoint_tokenizer(checkpoint), info)
+                "threads": torch.get_num_threads(), "compiled": compiled}
+        model = RuntimeModel(module, checkpoint_tokenizer(checkpoint), info,
+                             decode_fn=compiled_decode(module) if compiled else None)
+        if compiled:
+            _compile_now(model)
+        return model
+
+
+def _compile_now(model) -> None:
+    """Run a two-token generation so that the decode step compiles while loading (errors surface here)."""
+    from toolbox.errors import ToolboxError
+
+    try:
+        for _ in model.generate_tokens([[model.eos_token_ids[0] if model.eos_token_ids else 0] * 2],
+                                       GenerationParams(max_new_tokens=3, temperature=0.0)):
+            pass
+    except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ToolboxError(f"cannot compile the decode step ({first}); unset TOOLBOX_CPU_COMPILE") from None
 
 
 @hookimpl

@@ -46,6 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from toolbox.backend import extra_flag
+
 from .model import GPTNeoX
 
 _AUTO = object()
@@ -64,21 +66,6 @@ class DecoderOptions:
     kv_bucket: int | None | object = _AUTO  # _AUTO: 256, or the whole cache with compile
 
 
-def _flag(value, env_value, default: bool) -> bool:
-    if value is None:
-        value = env_value
-    if value is None or value == "":
-        return default
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
-    return bool(value)
-
-
 def decoder_options(extra: dict | None, default_compile: bool = False, env=None) -> DecoderOptions:
     """Read the decode options of a GPU backend.
 
@@ -91,8 +78,8 @@ def decoder_options(extra: dict | None, default_compile: bool = False, env=None)
     """
     extra = extra or {}
     env = os.environ if env is None else env
-    graphs = _flag(extra.get("graphs"), env.get("TOOLBOX_CUDA_GRAPHS"), True)
-    comp = _flag(extra.get("compile"), env.get("TOOLBOX_CUDA_COMPILE"), default_compile)
+    graphs = extra_flag(extra.get("graphs"), env.get("TOOLBOX_CUDA_GRAPHS"), True)
+    comp = extra_flag(extra.get("compile"), env.get("TOOLBOX_CUDA_COMPILE"), default_compile)
     raw = extra.get("kv_bucket", env.get("TOOLBOX_CUDA_KV_BUCKET"))
     if raw is None or raw == "":
         bucket = _AUTO
