@@ -1,7 +1,10 @@
 """CPU generation benchmark: our backends against transformers' `generate`, side by side.
 
 Every configuration runs in its own child process (so peak RSS is its own) with the
-same thread count, batch 1, greedy, a fixed number of new tokens (EOS held off):
+same thread count, batch 1, greedy, a fixed number of new tokens (EOS held off).
+Decode tokens/s is decode alone: the time for N new tokens less the time for the
+first (the prompt's prefill and one sample), best of --runs each; --prompt-tokens sets
+the prompt it decodes after (capped to fit the model's context):
 
 - the embedded model: `cpu` fp32, eager and compiled (TOOLBOX_CPU_COMPILE=1; the
   load time includes compiling), vs transformers fp32 (decode tokens/s);
@@ -15,7 +18,7 @@ same thread count, batch 1, greedy, a fixed number of new tokens (EOS held off):
 llama.cpp is not built here; its figures on the same shape and machine class are
 quoted from ../shared/reference/measurements.md for comparison.
 
-    python bench/generate_cpu.py [--threads 2] [--runs 3] [--new-tokens 64] [--quick]
+    python bench/generate_cpu.py [--threads 2] [--runs 3] [--new-tokens 64] [--prompt-tokens 16] [--quick]
 
 Writes bench/results/generate_cpu.json.
 """
@@ -77,29 +80,33 @@ def child(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    prompt = list(range(100, 116))
     context = json.loads((Path(args.model_dir) / "config.json").read_text())["max_position_embeddings"]
+    # the decode runs' prompt, capped to fit the context with the new tokens
+    prompt = [100 + (i * 37) % 7000 for i in range(min(args.prompt_tokens, context - args.new_tokens))]
     long_prompt = [100 + (i * 37) % 7000 for i in range(min(512, context - 1))]
     start = time.perf_counter()
     if args.engine == "hf":
-        decode, prefill = _hf(args)
+        generate, prefill = _hf(args)
     else:
-        decode, prefill = _ours(args)
+        generate, prefill = _ours(args)
     load_s = time.perf_counter() - start
-    decode(prompt)  # warm up
+    generate(prompt, args.new_tokens)  # warm up
     prefill(long_prompt)
-    tg = max(args.new_tokens / _timed(decode, prompt) for _ in range(args.runs))
+    # decode alone: N tokens less the first (the prompt's prefill and one sample), best runs
+    t_all = min(_timed(generate, prompt, args.new_tokens) for _ in range(args.runs))
+    t_first = min(_timed(generate, prompt, 1) for _ in range(args.runs))
+    tg = (args.new_tokens - 1) / (t_all - t_first)
     pp = max(len(long_prompt) / _timed(prefill, long_prompt) for _ in range(args.runs))
     # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across exec
     status = Path("/proc/self/status").read_text()
     peak_mb = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) / 1024
     return {"decode_tokens_per_s": round(tg, 1), "prompt_tokens_per_s": round(pp, 1), "peak_rss_mb": round(peak_mb, 1),
-            "load_s": round(load_s, 1)}
+            "load_s": round(load_s, 1), "decode_prompt_tokens": len(prompt)}
 
 
-def _timed(fn, arg) -> float:
+def _timed(fn, *args) -> float:
     start = time.perf_counter()
-    fn(arg)
+    fn(*args)
     return time.perf_counter() - start
 
 
@@ -107,18 +114,11 @@ def _ours(args):
     from toolbox.backend import GenerationParams, LoadOptions, pick_backend
 
     model = pick_backend(args.engine).load(Path(args.model_dir), LoadOptions(dtype=args.dtype, threads=args.threads))
-    params = GenerationParams(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, temperature=0.0)
-    one = GenerationParams(max_new_tokens=1, temperature=0.0)
-
-    def decode(prompt):
-        for _ in model.generate_tokens([prompt], params):
+    def generate(prompt, n):
+        for _ in model.generate_tokens([prompt], GenerationParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)):
             pass
 
-    def prefill(prompt):
-        for _ in model.generate_tokens([prompt], one):
-            pass
-
-    return decode, prefill
+    return generate, lambda prompt: generate(prompt, 1)
 
 
 def _hf(args):
@@ -134,21 +134,21 @@ def _hf(args):
             warnings.simplefilter("ignore")
             model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
 
-    def decode(prompt):
+    def generate(prompt, n):
         with torch.inference_mode():
-            model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=args.new_tokens,
-                           min_new_tokens=args.new_tokens, pad_token_id=0)
+            model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
 
     def prefill(prompt):
         with torch.inference_mode():
             model(torch.tensor([prompt]))
 
-    return decode, prefill
+    return generate, prefill
 
 
 def run_config(name, model_dir, engine, dtype, environment, args, cache_dir: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--engine", engine, "--dtype", dtype,
-           "--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens)]
+           "--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens),
+           "--prompt-tokens", str(args.prompt_tokens)]
     env = {**os.environ, "TOOLBOX_CACHE": str(cache_dir), **environment}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=16,
+                        help="prompt length of the decode runs (decode tokens/s includes that prompt's prefill)")
     parser.add_argument("--quick", action="store_true", help="embedded model only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -200,12 +202,13 @@ def main() -> None:
         print(f"{key:45s} {value}")
     print("llama.cpp (measurements.md, same shape, 2 cores): " + ", ".join(
         f"{k} tg {v[0]}-{v[1]} pp {v[2]}-{v[3]} RSS {v[4]} GB" for k, v in LLAMA_CPP.items()))
-    out = ROOT / "bench" / "results" / "generate_cpu.json"
+    out = ROOT / "bench" / "results" / ("generate_cpu.json" if args.prompt_tokens == 16 else
+                                        f"generate_cpu_prompt{args.prompt_tokens}.json")
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
-        "new_tokens": args.new_tokens, "runs": args.runs, "results": results, "ratios": summary,
+        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "runs": args.runs, "results": results, "ratios": summary,
         "llama_cpp_reference": LLAMA_CPP,
     }, indent=2) + "\n")
 

@@ -68,6 +68,38 @@ def test_incremental_decode_matches_full(tmp_path):
     assert rel_err(torch.cat(steps, 1), full[:, 7:]) < 1e-5
 
 
+def test_bf16_one_query_attention_matches_fp32_sdpa():
+    """The CPU's 16-bit decode attention against torch's fused kernel in fp32, with a ragged mask."""
+    import torch.nn.functional as F
+
+    from toolbox.runtime.model import decode_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(3, 4, n, 32, generator=g) for n in (1, 70, 70))
+    mask = torch.arange(70)[None, :] < torch.tensor([70, 41, 1])[:, None]  # row 2 sees one key only
+    mask = mask[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = decode_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    assert (got.float() - ref).abs().max() < 2e-2  # bf16 inputs: about 3 significant digits
+    assert torch.equal(got[2].float(), v[2, :, :1].bfloat16().float())  # one visible key: its value, exactly
+    assert (decode_attention(q, k, v, mask) - ref).abs().max() < 1e-5  # the same arithmetic in fp32
+
+
+def test_bf16_decode_through_the_cache_matches_a_full_forward(tmp_path):
+    """Decode steps (the one-query path) against a cache-free forward, both in bf16."""
+    ours = GPTNeoX.from_pretrained(save(build_hf(), tmp_path), dtype=torch.bfloat16)
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(6))
+    full = ours.forward_full(ids)
+    ours.setup_cache(2, 16)
+    key_mask = torch.ones(2, 16, dtype=torch.bool)
+    pos = torch.arange(12).expand(2, 12)
+    steps = [ours(ids[:, :8], pos[:, :8], torch.arange(8), key_mask, last_only=True)]
+    for t in range(8, 12):
+        steps.append(ours(ids[:, t : t + 1], pos[:, t : t + 1], torch.tensor([t]), key_mask, kv_len=t + 1))
+    assert rel_err(torch.cat(steps, 1), full[:, 7:]) < 3e-2
+
+
 def test_padding_does_not_change_a_row(tmp_path):
     ours = GPTNeoX.from_pretrained(save(build_hf(rotary_pct=0.25), tmp_path))
     a = torch.randint(4, 512, (1, 9), generator=torch.Generator().manual_seed(4))

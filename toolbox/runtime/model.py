@@ -88,6 +88,20 @@ def write_kv(buf: Tensor, cache_pos: Tensor, new: Tensor) -> None:
         buf[rows, :, cache_pos] = new.transpose(1, 2)
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of one query per row (``q [B,H,1,D]``), for 16-bit types on the CPU.
+
+    torch's fused CPU kernel is built for blocks of queries; at one query in bfloat16 it
+    took 1.3x (80 keys) to 7x (2,048 keys) as long as these three operations
+    (bench: docs/performance.md). Products in the 16-bit type (accumulated in fp32),
+    softmax in fp32. ``mask [B or 1,1,1,S]`` bool, None = every key.
+    """
+    w = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    if mask is not None:
+        w = w.masked_fill(~mask, float("-inf"))
+    return w.softmax(-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -110,8 +124,10 @@ class Attention(nn.Module):
             k, v = kv
             if kv_len is not None:
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        # mask None: plain causal attention over these tokens (cache-free, unpadded)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if T == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+            y = decode_attention(q, k, v, mask)
+        else:  # mask None: plain causal attention over these tokens (cache-free, unpadded)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.dense(y.transpose(1, 2).reshape(B, T, C))
 
 
