@@ -20,7 +20,7 @@ quoted from ../shared/reference/measurements.md for comparison.
 
     python bench/generate_cpu.py [--threads 2] [--runs 3] [--new-tokens 64] [--prompt-tokens 16] [--quick]
 
-Writes bench/results/generate_cpu.json.
+Writes bench/results/generate_cpu[_embedded][_promptN].json (_embedded with --quick).
 """
 
 from __future__ import annotations
@@ -202,8 +202,9 @@ def main() -> None:
         print(f"{key:45s} {value}")
     print("llama.cpp (measurements.md, same shape, 2 cores): " + ", ".join(
         f"{k} tg {v[0]}-{v[1]} pp {v[2]}-{v[3]} RSS {v[4]} GB" for k, v in LLAMA_CPP.items()))
-    out = ROOT / "bench" / "results" / ("generate_cpu.json" if args.prompt_tokens == 16 else
-                                        f"generate_cpu_prompt{args.prompt_tokens}.json")
+    name = "generate_cpu" + ("_embedded" if args.quick else "") + (
+        f"_prompt{args.prompt_tokens}" if args.prompt_tokens != 16 else "")
+    out = ROOT / "bench" / "results" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
