@@ -93,10 +93,12 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
 
     torch's fused CPU kernel is built for blocks of queries; at one query in bfloat16 it
     took 1.3x (80 keys) to 7x (2,048 keys) as long as these three operations
-    (bench: docs/performance.md). Products in the 16-bit type (accumulated in fp32),
-    softmax in fp32. ``mask [B or 1,1,1,S]`` bool, None = every key.
+    (docs/performance.md). Products in the 16-bit type (accumulated in fp32), softmax in
+    fp32. ``mask [B or 1,1,1,S]`` bool, None = every key. The scores are computed as
+    ``k @ q^T``: ``k`` is usually a view of the first slots of a larger cache, and the
+    product the other way round on such a view took 4-8x as long.
     """
-    w = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+    w = (k @ q.transpose(-1, -2)).transpose(-1, -2).float() * q.shape[-1] ** -0.5
     if mask is not None:
         w = w.masked_fill(~mask, float("-inf"))
     return w.softmax(-1).to(v.dtype) @ v
