@@ -17,7 +17,8 @@ from toolbox.hookspecs import hookimpl
 
 class CPUBackend(Backend):
     name = "cpu"
-    description = "PyTorch on the CPU (float32, bfloat16); --threads sets the thread count"
+    description = ("PyTorch on the CPU (float32, bfloat16); --threads sets the thread count; "
+                   "TOOLBOX_CPU_COMPILE=1 compiles the decode step (long runs)")
 
     def load(self, checkpoint: Path, options: LoadOptions):
         import torch
