@@ -221,3 +221,25 @@ def tiny_checkpoint(tmp_path_factory):
     save(build_hf(vocab_size=8000, max_position_embeddings=TINY_CONTEXT, init=0.05), path)
     shutil.copy(EMBEDDED_DIR / "spiece.model", path / "spiece.model")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of many tiny forwards: one torch thread is fastest, and immune to a busy
+    machine's thread contention. Restores the thread count afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def neox3(tmp_path_factory):
+    """A random fp32 GPT-NeoX of 3 layers (runtime_fixtures' shape): greedy output stays
+    varied for 128 tokens (see test_runtime_generation)."""
+    from runtime_fixtures import build_hf, save
+    from toolbox.runtime.model import GPTNeoX
+
+    return GPTNeoX.from_pretrained(save(build_hf(num_hidden_layers=3), tmp_path_factory.mktemp("ckpt")))

@@ -30,19 +30,12 @@ from toolbox.runtime.sampling import SamplingParams
 HAS_CUDA_DEVICE = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Many tiny decode steps: one thread avoids stalls when a CI machine's cores are busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    """fp32, 3 layers: greedy output stays varied for 128 tokens (see test_runtime_generation)."""
-    return GPTNeoX.from_pretrained(save(build_hf(num_hidden_layers=3), tmp_path_factory.mktemp("ckpt")))
+def model(neox3):
+    return neox3
 
 
 def _tokens(model, prompts, decode_fn=None, n=128, penalty=1.0):

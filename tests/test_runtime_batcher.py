@@ -5,27 +5,20 @@ from dataclasses import replace
 import pytest
 import torch
 
-from runtime_fixtures import EOS, build_hf, save
+from runtime_fixtures import EOS
 from toolbox.backend import GenerationParams
 from toolbox.batching import SequenceRequest
 from toolbox.runtime.batcher import ContinuousBatcher
 from toolbox.runtime.generation import Generation
-from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny forwards: one thread is fastest, and immune to a busy machine's thread contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return GPTNeoX.from_pretrained(save(build_hf(num_hidden_layers=3), tmp_path_factory.mktemp("ckpt")))
+def model(neox3):
+    return neox3
 
 
 def _prompt(length, seed):

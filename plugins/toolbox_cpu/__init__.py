@@ -53,8 +53,7 @@ def _compile_now(model) -> None:
     from toolbox.errors import ToolboxError
 
     try:
-        for _ in model.generate_tokens([[model.eos_token_ids[0] if model.eos_token_ids else 0] * 2],
-                                       GenerationParams(max_new_tokens=3, temperature=0.0)):
+        for _ in model.generate_tokens([[0, 0]], GenerationParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0)):
             pass
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

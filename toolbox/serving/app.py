@@ -102,6 +102,12 @@ class ServerState:
                            headers={"Retry-After": str(self.settings.retry_after)})
         return self.loaded, self.engine
 
+    def serving(self, name: str | None):
+        """`ready()` for a request naming model `name` (None: any): 503 while not ready, 404 for another model."""
+        ready = self.ready()
+        self.check_model(name)
+        return ready
+
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
             raise APIError(404, f"model: unknown model {name!r}; this server serves {self.name!r}",
@@ -546,8 +552,7 @@ def create_app(loaded, settings: Settings | None = None) -> FastAPI:
     async def tokenize(request: Request):
         """Ids, pieces and character spans of a text (sentencepiece, no special tokens unless asked)."""
         req = validate(S.TokenizeRequest, await read_json(request, settings.max_body_bytes))
-        loaded, _ = state.ready()
-        state.check_model(req.model)
+        loaded, _ = state.serving(req.model)
         tok = loaded.model.tokenizer
         text = to_model_text(req.text) if req.nl else req.text
         try:
@@ -563,8 +568,7 @@ def create_app(loaded, settings: Settings | None = None) -> FastAPI:
     async def detokenize(request: Request):
         """Text of token ids or of pieces (give exactly one of `ids`, `pieces`)."""
         req = validate(S.DetokenizeRequest, await read_json(request, settings.max_body_bytes))
-        loaded, _ = state.ready()
-        state.check_model(req.model)
+        loaded, _ = state.serving(req.model)
         tok = loaded.model.tokenizer
         if (req.ids is None) == (req.pieces is None):
             raise APIError(400, "ids: give exactly one of ids and pieces", param="ids", code="invalid_value")
@@ -651,8 +655,7 @@ def create_app(loaded, settings: Settings | None = None) -> FastAPI:
     async def completions(request: Request):
         """OpenAI completions: raw prompts (no template), `n`, `stop`, `seed`, `logprobs`, `echo`, streaming."""
         req = validate(S.CompletionRequest, await read_json(request, settings.max_body_bytes))
-        loaded, engine = state.ready()
-        state.check_model(req.model)
+        loaded, engine = state.serving(req.model)
         unsupported(req)
         if req.suffix is not None:
             raise APIError(400, "suffix: not supported", param="suffix", code="unsupported_parameter")
@@ -777,8 +780,7 @@ def create_app(loaded, settings: Settings | None = None) -> FastAPI:
     async def chat_completions(request: Request):
         """OpenAI chat: messages through the series' template (ユーザー/システム, <NL>); see docs/serve.md for `system`."""
         req = validate(S.ChatCompletionRequest, await read_json(request, settings.max_body_bytes))
-        loaded, engine = state.ready()
-        state.check_model(req.model)
+        loaded, engine = state.serving(req.model)
         unsupported(req)
         n = req.n or 1
         tok, ctx = loaded.model.tokenizer, loaded.model.context_length

@@ -196,12 +196,9 @@ class Engine:
 
     def cancel(self, sub: Submission) -> None:
         with self._cv:
-            for seq in sub.sequences:
-                if not seq.done:
-                    seq.done = True
-                    self._admitted -= 1
-                    self._cancels.append(seq)
-            self._cv.notify()
+            running = [seq for seq in sub.sequences if not seq.done]
+            self._release(running)
+            self._cancels += running
         self._update_gauges()
 
     async def call(self, fn: Callable):
@@ -377,11 +374,7 @@ class Engine:
             batches.setdefault(seq.sub.loop, []).append((seq.sub.queue, out))
         if finished:
             with self._cv:
-                for seq in finished:
-                    if not seq.done:
-                        seq.done = True
-                        self._admitted -= 1
-                self._cv.notify_all()
+                self._release(finished)
         if self.metrics is not None:
             self.metrics.generation_tokens.inc(len(events))
             self.metrics.batch_size.observe(len(events))
@@ -400,10 +393,7 @@ class Engine:
     def _fail_sequence(self, seq: _Sequence, exc: BaseException) -> None:
         """Fail one sequence's request (its other sequences are cancelled by the handler)."""
         with self._cv:
-            if not seq.done:
-                seq.done = True
-                self._admitted -= 1
-            self._cv.notify_all()
+            self._release([seq])
         _call_soon(seq.sub.loop, seq.sub.queue.put_nowait, exc)
 
     def _fail_lost(self) -> None:
@@ -412,13 +402,8 @@ class Engine:
         exc = EngineFailure("the batcher ended a sequence without a finish reason")
         log.error("%d sequences lost by the batcher", len(lost))
         with self._cv:
-            for seq in lost:
-                if not seq.done:
-                    seq.done = True
-                    self._admitted -= 1
-            self._cv.notify_all()
-        for sub in {id(seq.sub): seq.sub for seq in lost}.values():
-            _call_soon(sub.loop, sub.queue.put_nowait, exc)
+            self._release(lost)
+        _fail_requests(lost, exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every admitted sequence and pending call (the thread is stopping or the batcher broke)."""
@@ -427,19 +412,19 @@ class Engine:
             calls = self._calls
             self._live.clear()
             self._intake, self._calls = [], []
-            for seq in seqs:
-                if not seq.done:
-                    seq.done = True
-                    self._admitted -= 1
             self._admitted -= len(calls)
-            self._cv.notify_all()
-        notified = set()
-        for seq in seqs:
-            if id(seq.sub) not in notified:
-                notified.add(id(seq.sub))
-                _call_soon(seq.sub.loop, seq.sub.queue.put_nowait, exc)
+            self._release(seqs)
+        _fail_requests(seqs, exc)
         for _fn, fut, loop in calls:
             _call_soon(loop, lambda f=fut: f.cancelled() or f.set_exception(exc))
+
+    def _release(self, seqs: list[_Sequence]) -> None:
+        """Mark `seqs` done, freeing their places (each once). Call with `_cv` held."""
+        for seq in seqs:
+            if not seq.done:
+                seq.done = True
+                self._admitted -= 1
+        self._cv.notify_all()
 
     def _update_gauges(self) -> None:
         if self.metrics is not None:
@@ -456,6 +441,12 @@ def _lower_priority(steps: int) -> None:
         os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + steps)
     except OSError as exc:
         log.warning("could not lower the engine thread's priority: %s", exc)
+
+
+def _fail_requests(seqs: list[_Sequence], exc: BaseException) -> None:
+    """Hand `exc` to the request of each of `seqs`, once per request."""
+    for sub in {id(seq.sub): seq.sub for seq in seqs}.values():
+        _call_soon(sub.loop, sub.queue.put_nowait, exc)
 
 
 def _put_all(items) -> None:
