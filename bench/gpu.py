@@ -266,7 +266,7 @@ def ours_from_hf(hf, device):
     """Our GPTNeoX sharing the transformers model's weight tensors (no copy)."""
     import torch
 
-    from toolbox.runtime.config import NeoXConfig
+    from toolbox.config import NeoXConfig
     from toolbox.runtime.model import GPTNeoX
     from toolbox.runtime.weights import hf_to_ours
 
@@ -507,7 +507,7 @@ def scoring(b: Bench, state: dict):
 
 
 def quant(b: Bench, state: dict, scheme: str, compile: bool):
-    import toolbox_quant
+    import toolbox.runtime.quant as toolbox_quant
     from toolbox.runtime.graphs import GraphedDecoder
     from toolbox.runtime.loaded import weight_bytes
 
@@ -637,7 +637,7 @@ def _decode_logits(b: Bench, module, prompts, decoder, n):
 
 def quant_cache_roundtrip(b: Bench, state: dict):
     """Quantize the parity-size model, save it in the quant backend's cache format, reload, compare."""
-    import toolbox_quant
+    import toolbox.runtime.quant as toolbox_quant
     import torch
 
     shape = b.plan.parity_shape

@@ -254,7 +254,7 @@ def gpu_main(args) -> dict:
     from transformers import GPTNeoXForCausalLM
 
     from toolbox.registry import EMBEDDED_DIR
-    from toolbox.runtime.config import NeoXConfig
+    from toolbox.config import NeoXConfig
     from toolbox.runtime.loaded import RuntimeModel
     from toolbox.runtime.model import GPTNeoX
     from toolbox.scoring import plan_windows

@@ -223,11 +223,11 @@ def main() -> None:
     proc = engine = None
     if args.engine:
         from toolbox.backend import LoadOptions
-        from toolbox.loader import load
+        from toolbox.api import load
         from toolbox.serving.engine import Engine
 
-        loaded = load(args.model, None, args.backend, LoadOptions(threads=args.threads))
-        engine = Engine(loaded.model, args.max_batch_size, 1024)
+        loaded = load(args.model, args.backend, threads=args.threads)
+        engine = Engine(loaded.loaded, args.max_batch_size, 1024)
         engine.start()
     elif args.url:
         base = args.url.rstrip("/")

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from toolbox.backend import GenerationParams, LoadOptions, pick_backend
+from toolbox.backend import GenerationParams, LoadOptions
+from toolbox.backends import pick as pick_backend
 from toolbox.errors import ToolboxError
 
 EMBEDDED = Path(__file__).resolve().parent.parent / "toolbox" / "data" / "embedded"

@@ -23,7 +23,7 @@ from runtime_fixtures import build_hf, save
 from toolbox.backend import GenerationParams, LoadOptions
 from toolbox.errors import ToolboxError
 from toolbox.runtime.generation import Generation
-from toolbox.runtime.graphs import DecoderOptions, GraphedDecoder, decoder_options, fast_runtime_model
+from toolbox.runtime.graphs import DecoderOptions, GraphedDecoder, fast_runtime_model
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams
 
@@ -170,7 +170,7 @@ def test_compiled_step_traces_as_one_graph(model):
 def test_compiled_step_traces_with_torchao_int8(tmp_path):
     """The quant backend's CUDA int8 layout (torchao Int8Tensor, bf16) also traces as one graph."""
     pytest.importorskip("torchao")
-    import toolbox_quant
+    import toolbox.runtime.quant as toolbox_quant
 
     from toolbox.runtime.loaded import weight_bytes
 
@@ -194,24 +194,33 @@ def test_compiled_step_traces_with_torchao_int8(tmp_path):
 
 
 def test_decoder_options(monkeypatch):
+    from toolbox.backends.cuda import CUDABackend
+    from toolbox.backends.gpu import decoder_options
+    from toolbox.errors import ToolboxError
+
+    b = CUDABackend()
     for var in ("TOOLBOX_CUDA_GRAPHS", "TOOLBOX_CUDA_COMPILE", "TOOLBOX_CUDA_KV_BUCKET"):
         monkeypatch.delenv(var, raising=False)
-    d = decoder_options({})
+    d = decoder_options(b, LoadOptions())
     assert d.graphs and not d.compile
-    assert decoder_options({}, default_compile=True).compile
-    assert decoder_options({"graphs": False, "compile": "1", "kv_bucket": "none"}) == DecoderOptions(False, True, None)
+    assert decoder_options(b, LoadOptions(), default_compile=True).compile
+    extra = {"graphs": False, "compile": "1", "kv_bucket": "none"}
+    assert decoder_options(b, LoadOptions(extra=extra)) == DecoderOptions(False, True, None)
     monkeypatch.setenv("TOOLBOX_CUDA_COMPILE", "yes")
     monkeypatch.setenv("TOOLBOX_CUDA_KV_BUCKET", "512")
-    d = decoder_options({})
+    d = decoder_options(b, LoadOptions())
     assert d.compile and d.kv_bucket == 512
-    assert not decoder_options({"compile": False}).compile  # extra wins over the environment
-    with pytest.raises(ValueError):
-        decoder_options({"graphs": "maybe"})
+    assert not decoder_options(b, LoadOptions(extra={"compile": False})).compile  # options win over the environment
+    with pytest.raises(ToolboxError, match="option graphs: expected a boolean"):
+        decoder_options(b, LoadOptions(extra={"graphs": "maybe"}))
+    with pytest.raises(ToolboxError, match="TOOLBOX_CUDA_KV_BUCKET: expected a number"):
+        monkeypatch.setenv("TOOLBOX_CUDA_KV_BUCKET", "-3")
+        decoder_options(b, LoadOptions())
 
 
 def test_fast_runtime_model_on_cpu(tiny_checkpoint):  # noqa: F811
     """The GPU backends' LoadedModel, run on the CPU: same tokens as the cpu backend, cache in buckets."""
-    from toolbox.backend import backends
+    from toolbox.backends import registered as backends
     from toolbox.runtime.loaded import checkpoint_tokenizer, load_module
 
     cpu = backends()["cpu"].load(tiny_checkpoint, LoadOptions(dtype="float32"))
@@ -237,7 +246,7 @@ def test_fast_runtime_model_on_cpu(tiny_checkpoint):  # noqa: F811
 
 @pytest.mark.skipif(HAS_CUDA_DEVICE, reason="this machine has an NVIDIA device")
 def test_cuda_backend_reports_no_cuda_device(tiny_checkpoint):  # noqa: F811
-    from toolbox.backend import backends
+    from toolbox.backends import registered as backends
 
     cuda = backends()["cuda"]
     assert cuda.unavailable_reason() == "no CUDA device"
@@ -253,7 +262,8 @@ def test_cuda_backend_reports_no_cuda_device(tiny_checkpoint):  # noqa: F811
 def test_cpu_int8_keeps_a_16_bit_input_embedding(tmp_path, monkeypatch):
     """int8 on CPU from a fp16 checkpoint: the embedding stays fp16 (half the memory), exactly
     the stored values, through a fresh quantization and through the cache alike."""
-    import toolbox_quant
+    import toolbox.runtime.quant as toolbox_quant
+    from toolbox.backends.quant import QuantBackend
 
     monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path / "cache"))
     hf = build_hf(vocab_size=8000, max_position_embeddings=96, init=0.05).half()
@@ -261,7 +271,7 @@ def test_cpu_int8_keeps_a_16_bit_input_embedding(tmp_path, monkeypatch):
     shutil.copy(REPO / "toolbox" / "data" / "embedded" / "spiece.model", ckpt / "spiece.model")
     stored = hf.gpt_neox.embed_in.weight.detach()
     on = LoadOptions(extra={"quant_cache": True})
-    fresh, cached = toolbox_quant.QuantBackend().load(ckpt, on), toolbox_quant.QuantBackend().load(ckpt, on)
+    fresh, cached = QuantBackend().load(ckpt, on), QuantBackend().load(ckpt, on)
     assert cached.info["quantized_cache"] == "hit"
     for loaded in (fresh, cached):
         weight = loaded.module.embed_in.weight
@@ -273,14 +283,15 @@ def test_cpu_int8_keeps_a_16_bit_input_embedding(tmp_path, monkeypatch):
 
 
 def test_quantized_weight_cache_round_trip(tiny_checkpoint, tmp_path, monkeypatch):  # noqa: F811
-    import toolbox_quant
+    import toolbox.runtime.quant as toolbox_quant
+    from toolbox.backends.quant import QuantBackend
 
     monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TOOLBOX_QUANT_CACHE", raising=False)
-    backend = toolbox_quant.QuantBackend()
+    backend = QuantBackend()
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, ckpt)
-    assert not toolbox_quant.cache_wanted(ckpt, {})  # auto: a tiny checkpoint is not worth caching
+    assert not toolbox_quant.cache_wanted(ckpt, None)  # auto: a tiny checkpoint is not worth caching
     on = LoadOptions(extra={"quant_cache": True})
 
     first = backend.load(ckpt, on)

@@ -1,4 +1,4 @@
-"""Plugin loading, backend selection, and the example third-party plugin (tests/example_plugin).
+"""Plugin loading, backend selection, and the example third-party plugin (plugins/example).
 
 The example plugin is really pip-installed, but into a target directory that only
 the subprocesses see (through PYTHONPATH), not into the venv: a plugin installed
@@ -21,7 +21,7 @@ import pytest
 from toolbox.registry import EMBEDDED_DIR
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE / "example_plugin"
+EXAMPLE = HERE.parent / "plugins" / "example"
 BUILTIN = {"cpu", "cuda", "quant"}
 HAS_CUDA_DRIVER = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
 PROMPT = "吾輩は猫である。名前はまだ無い。"
@@ -71,17 +71,12 @@ def test_backends_json_lists_builtins():
         assert rows["cuda"] == {**rows["cuda"], "available": False, "reason": "no CUDA device"}
 
 
-def test_allow_list_restricts_plugins():
-    assert set(backends_json(TOOLBOX_PLUGINS="cpu")) == {"cpu"}
-    assert set(backends_json(TOOLBOX_PLUGINS=" quant , cpu")) == {"cpu", "quant"}
-
-
-def test_empty_allow_list_loads_no_plugins():
-    assert backends_json(TOOLBOX_PLUGINS="") == {}
-    # The core registry still loads; a model command fails cleanly for want of a backend.
-    assert toolbox("models", "list", TOOLBOX_PLUGINS="").returncode == 0
-    error = one_line_error(toolbox("generate", "--greedy", "x", TOOLBOX_PLUGINS=""))
-    assert "no backends are loaded" in error and "TOOLBOX_PLUGINS" in error
+def test_allow_list_leaves_the_builtins_alone():
+    """TOOLBOX_PLUGINS filters third-party plugins only: the built-in backends are core and always on."""
+    assert set(backends_json(TOOLBOX_PLUGINS="")) == BUILTIN
+    assert set(backends_json(TOOLBOX_PLUGINS="cpu")) == BUILTIN
+    proc = toolbox("generate", "--greedy", "--max-new-tokens", "4", "x", TOOLBOX_PLUGINS="")
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_unknown_backend_is_a_one_line_error():
@@ -100,7 +95,7 @@ def test_unavailable_backend_is_a_one_line_error():
 
 @pytest.fixture(scope="module")
 def example_site(tmp_path_factory) -> Path:
-    """tests/example_plugin pip-installed into a private directory (see the module docstring)."""
+    """plugins/example pip-installed into a private directory (see the module docstring)."""
     work = tmp_path_factory.mktemp("example_plugin")
     source, site = work / "src", work / "site"
     shutil.copytree(EXAMPLE, source)  # the build writes build/ and *.egg-info next to the sources
@@ -139,14 +134,18 @@ def test_example_backend_is_listed(run_with_example):
     proc = run_with_example("backends")
     assert proc.returncode == 0, proc.stderr
     assert any(line.split()[:2] == ["hf", "yes"] for line in proc.stdout.decode().splitlines())
-    # The allow-list applies to third-party plugins too.
-    rows = json.loads(run_with_example("backends", "--json", TOOLBOX_PLUGINS="cpu").stdout)
-    assert [row["name"] for row in rows] == ["cpu"]
+    rows = json.loads(run_with_example("backends", "--json").stdout)
+    assert [row["name"] for row in rows] == ["cpu", "cuda", "quant", "hf"]  # the built-ins first
+    # The allow-list applies to third-party plugins: naming another plugin hides hf, not cpu.
+    rows = json.loads(run_with_example("backends", "--json", TOOLBOX_PLUGINS="other").stdout)
+    assert [row["name"] for row in rows] == ["cpu", "cuda", "quant"]
+    rows = json.loads(run_with_example("backends", "--json", TOOLBOX_PLUGINS="hf").stdout)
+    assert [row["name"] for row in rows] == ["cpu", "cuda", "quant", "hf"]
 
 
 def test_example_plugin_loads_without_torch(example_site):
     """Registering the plugin and asking whether hf is available imports neither torch nor transformers."""
-    code = ("import sys; from toolbox.backend import backends; from toolbox.checkpoints import registry; "
+    code = ("import sys; from toolbox.backends import registered as backends; from toolbox.checkpoints import registry; "
             "assert backends()['hf'].unavailable_reason() is None and registry().get('hf-tiny'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(example_site), os.environ.get("PYTHONPATH")) if p)}
@@ -256,7 +255,8 @@ def test_eos_stops_a_sequence(hf_model, monkeypatch):
 
 
 def test_score_matches_cpu_backend(hf_model, checkpoint):
-    from toolbox.backend import LoadOptions, backends
+    from toolbox.backend import LoadOptions
+    from toolbox.backends import registered as backends
 
     seqs = [hf_model.tokenizer.encode(PROMPT), hf_model.tokenizer.encode("猫"), []]
     cpu = backends()["cpu"].load(checkpoint, LoadOptions())

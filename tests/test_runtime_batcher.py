@@ -7,7 +7,7 @@ import torch
 
 from runtime_fixtures import EOS
 from toolbox.backend import GenerationParams
-from toolbox.batching import SequenceRequest
+from toolbox.types import SequenceRequest
 from toolbox.runtime.batcher import ContinuousBatcher
 from toolbox.runtime.generation import Generation
 from toolbox.runtime.sampling import SamplingParams

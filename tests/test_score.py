@@ -20,7 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from runtime_fixtures import TINY_CONTEXT as CONTEXT
 
-from toolbox.backend import LoadOptions, TokenScores, backends
+from toolbox.backend import LoadOptions, TokenScores
+from toolbox.backends import registered as backends
 from toolbox.cli import cli
 from toolbox.scoring import (
     Accumulator,
@@ -272,7 +273,7 @@ def test_builtin_backends_agree_with_cpu_float32(tiny_checkpoint, sp):
 
 def test_default_score_from_of_a_plugin_backend(tiny_checkpoint, sp):
     """A backend that implements only `score` (the example plugin) gets `score_from` by slicing."""
-    spec = importlib.util.spec_from_file_location("toolbox_hf_example", HERE / "example_plugin" / "toolbox_hf_example.py")
+    spec = importlib.util.spec_from_file_location("toolbox_hf_example", HERE.parent / "plugins" / "example" / "toolbox_hf_example.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     plugin = module.HFBackend().load(tiny_checkpoint, LoadOptions())

@@ -124,7 +124,7 @@ def test_health_is_503_until_the_model_is_loaded(model, keep_torch_threads):
     import uvicorn
 
     from toolbox.backend import LoadOptions
-    from toolbox.loader import load
+    from toolbox.api import load
     from toolbox.serving.app import Settings, create_app
 
     app = create_app(None, Settings(served_model_name="late"))
@@ -142,7 +142,7 @@ def test_health_is_503_until_the_model_is_loaded(model, keep_torch_threads):
         assert r.status_code == 503 and r.json()["status"] == "loading"
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "猫"})
         assert r.status_code == 503 and "Retry-After" in r.headers and r.json()["error"]["code"] == "model_loading"
-        app.state.server.attach(load(model[0], None, "cpu", LoadOptions(threads=1)))
+        app.state.server.attach(load(model[0], "cpu", threads=1))
         assert httpx.get(f"{base}/health").status_code == 200
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "猫", "max_tokens": 2, "model": "late"})
         assert r.status_code == 200, r.text
@@ -286,19 +286,19 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
 
     from toolbox.backend import GenerationParams, LoadOptions
     from toolbox.batching import StaticBatcher
-    from toolbox.loader import load
+    from toolbox.api import load
     from toolbox.serving.engine import Engine, SequenceSpec
 
-    loaded = load(model[0], None, "cpu", LoadOptions(threads=1))
+    loaded = load(model[0], "cpu", threads=1)
 
     class Static:  # the loaded model, with the fallback batcher any backend gets
-        tokenizer = loaded.model.tokenizer
+        tokenizer = loaded.tokenizer
 
         def batcher(self, capacity):
-            return StaticBatcher(loaded.model, capacity)
+            return StaticBatcher(loaded.loaded, capacity)
 
     params = GenerationParams(max_new_tokens=12, temperature=0.0)
-    prompts = [loaded.model.tokenizer.encode(p) for p in ("猫", "主人は", PROMPT)]
+    prompts = [loaded.tokenizer.encode(p) for p in ("猫", "主人は", PROMPT)]
 
     async def run(engine):
         leaving = engine.submit([SequenceSpec(prompts[0], replace(params, max_new_tokens=40))])
@@ -309,7 +309,7 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
         return first, out
 
     results = {}
-    for name, m in (("static", Static()), ("continuous", loaded.model)):
+    for name, m in (("static", Static()), ("continuous", loaded.loaded)):
         engine = Engine(m, 4, 4)
         engine.start()
         first, results[name] = asyncio.run(run(engine))
@@ -323,13 +323,13 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
 def test_engine_thread_runs_below_the_http_thread(model, keep_torch_threads):
     """--engine-nice: the model's thread yields the CPU to request handling under load."""
     from toolbox.backend import LoadOptions
-    from toolbox.loader import load
+    from toolbox.api import load
     from toolbox.serving.engine import Engine
 
-    loaded = load(model[0], None, "cpu", LoadOptions(threads=1))
+    loaded = load(model[0], "cpu", threads=1)
     here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     for nice, want in ((3, min(here + 3, 19)), (0, here)):
-        engine = Engine(loaded.model, 2, 2, nice=nice)
+        engine = Engine(loaded.loaded, 2, 2, nice=nice)
         engine.start()
 
         async def engine_priority():

@@ -12,9 +12,9 @@ import signal
 import pytest
 
 from toolbox.backend import GenerationParams, LoadOptions
-from toolbox.batching import SequenceRequest
+from toolbox.types import SequenceRequest
 from toolbox.errors import ToolboxError
-from toolbox.loader import load
+from toolbox.api import load
 from toolbox.serving.worker import WorkerError, WorkerModel
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0)
@@ -29,7 +29,7 @@ def worker():
 
 @pytest.fixture(scope="module")
 def local():
-    return load("embedded", None, "cpu", LoadOptions(threads=1)).model
+    return load("embedded", "cpu", threads=1).loaded
 
 
 def run(batcher, requests, limit=200):

@@ -39,7 +39,7 @@ def test_decode_block_stops_at_the_first_bad_line(raw, first):
             expected.append(line.decode("utf-8"))
         except UnicodeDecodeError as exc:
             assert isinstance(error, ToolboxError)
-            assert error.message.startswith(f"stdin line {first + i}: invalid UTF-8 (byte "
+            assert str(error).startswith(f"stdin line {first + i}: invalid UTF-8 (byte "
                                             f"0x{line[exc.start]:02x} at byte offset {exc.start})")
             break
     else:

@@ -1,4 +1,4 @@
-"""The backend interface every plugin implements, and backend selection.
+"""The backend interface: what a backend plugin implements, built-in or third-party.
 
 A backend is registered through the `register_backends` hook. It must be cheap to
 create and to ask `unavailable_reason()` (no torch import at registration); `load`
@@ -8,103 +8,28 @@ A `LoadedModel` implements two token-level methods, `generate_tokens` and `score
 the text layer (`generate`: UTF-8-safe text deltas, stop strings, `<NL>`) is shared
 and comes for free, and so does `score_from` (scores of the last tokens only), which a
 backend may override to skip the work for context-only positions.
+
+The value types a plugin needs (`GenerationParams`, `TokenEvent`, `TokenScores`,
+`LoadOptions`, ...) live in `toolbox.types` and are importable from here too.
 """
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from toolbox.errors import ToolboxError
 from toolbox.streaming import TextAssembler
 from toolbox.tokenizer import Tokenizer
+from toolbox.types import Event, GenerationParams, LoadOptions, TokenEvent, TokenScores, TokenStream
 
-
-@dataclass(frozen=True)
-class LoadOptions:
-    """How to load: device ("cpu", "cuda", "cuda:1"), dtype name, CPU threads, backend extras."""
-
-    device: str | None = None
-    dtype: str | None = None
-    threads: int | None = None
-    extra: dict = field(default_factory=dict)
-
-
-def extra_flag(value, env_value, default: bool) -> bool:
-    """A boolean backend option: `value` (from `LoadOptions.extra`), else `env_value` (the CLI's way), else `default`."""
-    if value is None:
-        value = env_value
-    if value is None or value == "":
-        return default
-    if isinstance(value, str):
-        v = value.strip().lower()
-        if v in ("1", "true", "yes", "on"):
-            return True
-        if v in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean (1/0, true/false), got {value!r}")
-    return bool(value)
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling and stopping settings for one generate call (temperature 0 = greedy)."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    n: int = 1
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One new token of sequence `seq` (= prompt_index * n + sample_index)."""
-
-    seq: int
-    token_id: int
-    logprob: float  # log-probability of the token under the model (before sampling filters)
-    finish_reason: str | None  # "stop" (EOS), "length", or None while running
-
-
-@dataclass(frozen=True)
-class TokenScores:
-    """Scores of one sequence's tokens: entry k is for the k-th token scored (given all before it).
-
-    `logprobs`: log p(token | tokens before it) in nats, from fp32 logits.
-    `ranks`: 1 + the number of vocabulary entries with a strictly larger logit
-    (1 = the model's most likely token; ties share the better rank).
-    """
-
-    logprobs: list[float]
-    ranks: list[int]
-
-
-class TokenStream(Protocol):
-    """What `generate_tokens` returns: iterate for the tokens of each step; `cancel` ends a sequence."""
-
-    def __iter__(self) -> Iterator[list[TokenEvent]]: ...
-
-    def cancel(self, seq: int) -> None: ...
-
-
-@dataclass(frozen=True)
-class Event:
-    """A streamed generation event: a token with the text it completed."""
-
-    seq: int
-    prompt_index: int
-    token_id: int
-    logprob: float
-    text: str  # text made final by this token ("" while a character's bytes are incomplete)
-    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None
+__all__ = [
+    "Backend", "BackendOption", "Event", "GenerationParams", "LoadOptions", "LoadedModel", "TokenEvent",
+    "TokenScores", "TokenStream",
+]
 
 
 class LoadedModel(ABC):
@@ -147,7 +72,7 @@ class LoadedModel(ABC):
         return {}
 
     def batcher(self, capacity: int):
-        """A request-level batcher for the server (see `toolbox.batching`).
+        """A request-level batcher for the server (`toolbox.types.Batcher`).
 
         The default runs groups of requests with equal settings through
         `generate_tokens`; a backend with continuous batching overrides this.
@@ -163,14 +88,21 @@ class LoadedModel(ABC):
         for step in stream:
             for t in step:
                 text = texts.setdefault(t.seq, TextAssembler(self.tokenizer.token_bytes, params.stop, nl))
-                delta = text.push(t.token_id)
-                reason = t.finish_reason
+                delta, reason = text.step(t.token_id, t.finish_reason)
                 if text.stopped:
                     stream.cancel(t.seq)
-                    reason = "stop"
-                elif reason is not None:
-                    delta += text.finish()
                 yield Event(t.seq, t.seq // params.n, t.token_id, t.logprob, delta, reason)
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    """A backend's own setting: `-o NAME=VALUE` on the command line, `options={NAME: value}`
+    in `toolbox.load`, else the environment variable `env`, else `default`."""
+
+    name: str
+    help: str
+    env: str | None = None
+    default: str | None = None
 
 
 class Backend(ABC):
@@ -178,6 +110,7 @@ class Backend(ABC):
 
     name: str
     description: str = ""
+    options: tuple[BackendOption, ...] = ()
 
     def unavailable_reason(self) -> str | None:
         """None when the backend can run here, else a short reason (e.g. "no CUDA device")."""
@@ -187,37 +120,30 @@ class Backend(ABC):
     def load(self, checkpoint: Path, options: LoadOptions) -> LoadedModel:
         """Load the checkpoint directory (config.json, weights, spiece.model)."""
 
+    def check_options(self, extra: dict) -> None:
+        """Refuse option names this backend does not declare (a typo must not be ignored)."""
+        known = {o.name for o in self.options}
+        for key in extra:
+            if key not in known:
+                offer = f"its options: {', '.join(sorted(known))}" if known else "it takes none"
+                raise ToolboxError(f"option {key!r}: backend {self.name!r} has no such option ({offer})")
 
-def backends() -> dict[str, Backend]:
-    """Every registered backend by name, in registration order."""
-    from toolbox.plugins import hook_results
+    def setting(self, options: LoadOptions, name: str) -> tuple[str | None, str]:
+        """The value of option `name` and where it came from ("option NAME", the env var, or "default")."""
+        declared = next(o for o in self.options if o.name == name)
+        value = options.extra.get(name)
+        if value is not None:
+            return str(value) if not isinstance(value, bool) else ("1" if value else "0"), f"option {name}"
+        if declared.env and os.environ.get(declared.env, "") != "":
+            return os.environ[declared.env], declared.env
+        return declared.default, "default"
 
-    found: dict[str, Backend] = {}
-    for group in hook_results("register_backends"):
-        for backend in group or ():
-            found.setdefault(backend.name, backend)
-    return found
-
-
-AUTO_ORDER = ("cuda", "cpu")
-
-
-def pick_backend(name: str = "auto") -> Backend:
-    """The backend called `name`; "auto" means cuda when it is available, else cpu."""
-    registered = backends()
-    if not registered:
-        raise ToolboxError("no backends are loaded (check TOOLBOX_PLUGINS and the installed plugins)")
-    if name == "auto":
-        for candidate in AUTO_ORDER:
-            backend = registered.get(candidate)
-            if backend is not None and backend.unavailable_reason() is None:
-                return backend
-        name = "cpu"
-    backend = registered.get(name)
-    usable = [n for n, b in registered.items() if b.unavailable_reason() is None]
-    if backend is None:
-        raise ToolboxError(f"unknown backend {name!r}; available: {', '.join(usable) or 'none'}")
-    reason = backend.unavailable_reason()
-    if reason is not None:
-        raise ToolboxError(f"backend {name!r} is not available ({reason}); available: {', '.join(usable) or 'none'}")
-    return backend
+    def flag(self, options: LoadOptions, name: str) -> bool:
+        """A boolean option (1/0, true/false, yes/no, on/off); a one-line error names its source."""
+        value, source = self.setting(options, name)
+        v = (value or "").strip().lower()
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off", ""):
+            return False
+        raise ToolboxError(f"{source}: expected a boolean (1/0, true/false), got {value!r}")

@@ -1,52 +1,17 @@
-"""Request-level batching for the server: requests join and leave a running batch.
+"""`StaticBatcher`: the request-level batcher (`toolbox.types.Batcher`) any backend gets.
 
-A `Batcher` is driven by one engine thread: `add` requests, call `step` to advance
-every running request by one token, `cancel` the ones whose clients left. Each
-request has its own `GenerationParams` (n = 1). The built-in runtime provides a
-continuous batcher (a request joins at the next step); `StaticBatcher` is the
-fallback for any backend: it runs groups of requests with identical settings
-through `generate_tokens`, one group at a time.
+The server's engine drives a batcher: requests (each with its own `GenerationParams`,
+n = 1) join and leave a running batch. The built-in runtime provides a continuous
+batcher (a request joins at the next step); this fallback runs groups of requests with
+identical settings through `LoadedModel.generate_tokens`, one group at a time.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
-from typing import Protocol
+from dataclasses import replace
 
-from toolbox.backend import GenerationParams, LoadedModel, TokenEvent
-
-
-@dataclass(frozen=True)
-class SequenceRequest:
-    """One sequence to generate; `TokenEvent.seq` carries its `id`."""
-
-    id: int
-    prompt: list[int]
-    params: GenerationParams
-
-
-class Batcher(Protocol):
-    """What the server's engine thread drives."""
-
-    capacity: int
-    runs_groups: bool  # optional (default False): one group at a time, not a continuous batch
-    # optional: a batcher whose `add` cannot refuse at once (it defers the work) offers
-    # `take_refused() -> list[tuple[int, Exception]]`, the requests it refused since the last call
-
-    def add(self, request: SequenceRequest) -> None: ...
-
-    def cancel(self, request_id: int) -> None: ...
-
-    def step(self) -> list[TokenEvent]: ...
-
-    def pending(self) -> int:
-        """Requests added and not yet finished or cancelled (running + waiting)."""
-        ...
-
-    def running(self) -> int:
-        """Requests currently in the batch."""
-        ...
+from toolbox.types import SequenceRequest, TokenEvent
 
 
 class StaticBatcher:
@@ -54,7 +19,8 @@ class StaticBatcher:
 
     runs_groups = True  # one group at a time: the engine lets returning clients gather first
 
-    def __init__(self, model: LoadedModel, capacity: int):
+    def __init__(self, model, capacity: int):
+        """`model`: a `toolbox.backend.LoadedModel`."""
         self.model, self.capacity = model, capacity
         self._waiting: deque[SequenceRequest] = deque()
         self._group: list[SequenceRequest] = []

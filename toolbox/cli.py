@@ -44,6 +44,15 @@ class LazyGroup(click.Group):
         self._load_plugin_commands()
         return sorted({*COMMANDS, *self.commands})
 
+    def invoke(self, ctx):
+        """Run the command; a `ToolboxError` from anywhere below becomes click's one-line `Error:`, exit 1."""
+        from toolbox.errors import ToolboxError
+
+        try:
+            return super().invoke(ctx)
+        except ToolboxError as exc:
+            raise click.ClickException(str(exc)) from None
+
     def get_command(self, ctx, name):
         if name in COMMANDS:
             module, attr = COMMANDS[name].split(":")

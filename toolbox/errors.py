@@ -1,7 +1,9 @@
-"""The one exception type commands raise for user mistakes: printed as one line, exit 1."""
+"""The one exception type for user mistakes (bad input, unknown model, unusable settings).
 
-import click
+A plain `Exception`, so the library, runtime and backends never depend on click; the CLI
+turns it into its one-line `Error: <message>` and exit status 1 at the edge (toolbox.cli).
+"""
 
 
-class ToolboxError(click.ClickException):
-    """A user-facing error: click prints `Error: <message>` and exits with status 1."""
+class ToolboxError(Exception):
+    """A user-facing error: `str(exc)` is one line that says what was wrong and where."""

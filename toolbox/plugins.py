@@ -1,7 +1,8 @@
-"""The plugin manager: built-in hook implementations plus the `toolbox` entry-point group.
+"""The plugin manager: the core plugins plus the `toolbox` entry-point group.
 
-`TOOLBOX_PLUGINS` (comma-separated entry-point names) restricts which installed
-plugins load; an empty value loads none. Core hook implementations always load.
+The core plugins (the registry's built-in models and the built-in backends) are always
+on and come first. `TOOLBOX_PLUGINS` (comma-separated entry-point names) restricts which
+installed third-party plugins load; an empty value loads none of them.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pluggy
 
 from toolbox import hookspecs
 
-CORE_PLUGINS = ("toolbox.builtin_models",)
+CORE_PLUGINS = ("toolbox.builtin_models", "toolbox.backends.cpu", "toolbox.backends.cuda", "toolbox.backends.quant")
 
 
 @cache

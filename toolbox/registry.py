@@ -6,7 +6,6 @@ plugins add theirs through the `register_models` hook the same way the built-ins
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,23 +23,17 @@ class Architecture:
     vocab: int
     context: int
     rotary_pct: float = 1.0
-    rotary_base: int = 10000
+    rotary_base: float = 10000
     parameters: str = ""
 
     @classmethod
     def from_config(cls, config_file: Path) -> Architecture:
-        cfg = json.loads(config_file.read_text(encoding="utf-8"))
-        rope = cfg.get("rope_parameters") or {}
-        return cls(
-            layers=cfg["num_hidden_layers"],
-            hidden=cfg["hidden_size"],
-            heads=cfg["num_attention_heads"],
-            intermediate=cfg["intermediate_size"],
-            vocab=cfg["vocab_size"],
-            context=cfg["max_position_embeddings"],
-            rotary_pct=cfg.get("rotary_pct", rope.get("partial_rotary_factor", 1.0)),
-            rotary_base=cfg.get("rotary_emb_base", rope.get("rope_theta", 10000)),
-        )
+        from toolbox.config import NeoXConfig
+
+        c = NeoXConfig.from_dir(config_file)
+        return cls(layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads, intermediate=c.intermediate_size,
+                   vocab=c.vocab_size, context=c.max_position_embeddings, rotary_pct=c.rotary_pct,
+                   rotary_base=c.rotary_base)
 
 
 @dataclass(frozen=True)

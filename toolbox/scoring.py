@@ -1,5 +1,5 @@
 """Scoring without torch: the sliding-window plan, document scoring through a
-`LoadedModel`, and the statistics `toolbox score` reports.
+`LoadedModel`, the statistics, and the results `Model.score` / `Model.compare` return.
 
 Window policy (docs/score.md has a worked example). A document's token sequence
 (with the optional prefix token in front) of length L is cut into windows of at most
@@ -26,7 +26,8 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from toolbox.backend import TokenScores
+from toolbox.errors import ToolboxError
+from toolbox.types import TokenScores
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ def score_documents(
             expected = len(seqs[k]) - firsts[k]
             if len(got.logprobs) != expected or len(got.ranks) != expected:
                 raise RuntimeError(f"backend returned {len(got.logprobs)} scores for {expected} tokens")
+            if any(lp != lp for lp in got.logprobs):  # NaN: no statistic computed from it would mean anything
+                raise ToolboxError("the model produced NaN log-probabilities: its weights hold NaN or infinite "
+                                   "values, or overflow in this dtype (try float32)")
             logprobs[owners[k]].extend(got.logprobs)
             ranks[owners[k]].extend(got.ranks)
             if progress is not None:
@@ -228,3 +232,50 @@ def mean_abs_diff(a: Sequence[float], b: Sequence[float]) -> float | None:
     acc = DiffAccumulator()
     acc.add(a, b)
     return acc.mean
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class TextScore:
+    """One text's scores. `token_ids` are the text's tokens; entry k of `logprobs` / `ranks` is
+    token ``scored_from + k`` given all before it (``scored_from`` is 1 without a prefix token:
+    the first token has no context; 0 with one)."""
+
+    text: str | None
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    scored_from: int
+    stats: Stats
+
+    @property
+    def ppl(self) -> float | None:
+        return self.stats.ppl
+
+
+@dataclass
+class Scores:
+    """`Model.score`'s answer: each text's scores and the token-weighted corpus statistics."""
+
+    texts: list[TextScore]
+    corpus: Stats
+    window: int
+    stride: int
+    prefix: str | None
+
+    @property
+    def ppl(self) -> float | None:
+        return self.corpus.ppl
+
+
+@dataclass
+class Comparison:
+    """`Model.compare`'s answer: both models' scores over the same tokens and how far they differ."""
+
+    a: Scores
+    b: Scores
+    mean_abs_diff: float | None  # mean |logprob_a - logprob_b| over every scored token, nats
+    max_abs_diff: float
+    text_diffs: list[float | None]  # the same, per text

@@ -34,6 +34,20 @@ class TextAssembler:
         self._pending += self._decoder.decode(self._bytes[token_id])
         return self._release(final=False)
 
+    def step(self, token_id: int, finish_reason: str | None) -> tuple[str, str | None]:
+        """Add the token a sequence produced, with the backend's finish reason for it.
+
+        Returns the text that became final and the sequence's finish reason: "stop" when
+        a stop string appeared (the caller must then cancel the sequence), else the
+        backend's reason, with everything held back flushed once the sequence ends.
+        """
+        delta = self.push(token_id)
+        if self.stopped:
+            return delta, "stop"
+        if finish_reason is not None:
+            delta += self.finish()
+        return delta, finish_reason
+
     def finish(self) -> str:
         """Flush what is held back (the sequence ended for another reason)."""
         if self.stopped:

@@ -2,55 +2,42 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
-from toolbox.commands.generate import build_params, sampling_options
-from toolbox.commands.options import backend_options, load_options, model_options
-from toolbox.prompts import chat_prompt
+from toolbox.commands.options import build_params, errors_option, model_load_options, sampling_options
 
 HELP = "/reset starts over, /exit (or Ctrl-D) quits"
 
 
-def fit_history(tokenizer, turns: list[tuple[str, str]], room: int) -> tuple[list[int], int]:
-    """Prompt ids for `turns`, dropping the oldest exchanges until they fit in `room` tokens."""
-    dropped = 0
-    while True:
-        ids = tokenizer.encode(chat_prompt(turns[dropped:]))
-        if len(ids) <= room or dropped >= len(turns) - 1:
-            return ids[-room:], dropped
-        dropped += 2 if len(turns) - dropped > 2 else 1
-
-
 @click.command()
+@click.option("--system", "system", default=None, metavar="TEXT",
+              help="Instructions put in front of the first user message of the conversation.")
 @sampling_options
-@backend_options
-@model_options
-def chat(backend, device, dtype, threads, model, revision, **sampling):
+@errors_option
+@model_load_options
+def chat(system, errors, choice, **sampling):
     """Talk with an instruction model; the conversation so far is the prompt.
 
     Each turn goes through the series' template (ユーザー/システム utterances joined
     by <NL>); the oldest turns are dropped when the context fills. Type /reset to
-    start over and /exit (or Ctrl-D) to quit.
+    start over and /exit (or Ctrl-D) to quit. Lines may also come from a pipe.
     """
     from rich.console import Console
 
-    from toolbox.loader import load
-
     console = Console(highlight=False)
-    loaded = load(model, revision, backend, load_options(device, dtype, threads))
-    params = build_params(loaded, **sampling)
-    if not loaded.chat_template:
-        console.print(f"[yellow]note:[/yellow] {loaded.ref.name} is not an instruction model; answers may ramble")
-    console.print(f"[dim]{loaded.ref.name} on {loaded.backend}; {HELP}[/dim]")
-    history: list[tuple[str, str]] = []
-    room = loaded.model.context_length - params.max_new_tokens
+    params = build_params(choice, **sampling)
+    choice.check()
+    model = choice.load()
+    if not model.chat_template:
+        console.print(f"[yellow]note:[/yellow] {model.name} is not an instruction model; answers may ramble")
+    console.print(f"[dim]{model.name} on {model.backend}; {HELP}[/dim]")
+    lines = _Lines(console, errors)
+    history: list[dict] = []
     while True:
-        try:
-            message = console.input("[bold cyan]ユーザー>[/bold cyan] ").strip()
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            return
-        if message in ("/exit", "/quit"):
+        message = lines.read("[bold cyan]ユーザー>[/bold cyan] ")
+        if message is None or message in ("/exit", "/quit"):
             return
         if message == "/reset":
             history.clear()
@@ -58,19 +45,49 @@ def chat(backend, device, dtype, threads, model, revision, **sampling):
             continue
         if not message:
             continue
-        history.append(("user", message))
-        ids, dropped = fit_history(loaded.model.tokenizer, history, room)
+        history.append({"role": "user", "content": message})
+        preface = [{"role": "system", "content": system}] if system else []
+        ids, dropped = model.chat_ids(preface + history, params.max_new_tokens)
         if dropped:
             del history[:dropped]
             console.print(f"[dim]({dropped} oldest turns dropped to fit the context)[/dim]")
         console.print("[bold magenta]システム>[/bold magenta] ", end="")
         answer = ""
         try:
-            for event in loaded.model.generate([ids], params, nl=True):
+            for event in model.events([ids], params, nl=True):
                 answer += event.text
                 console.out(event.text, end="", highlight=False)
                 console.file.flush()
         except KeyboardInterrupt:
             console.print("[dim] (interrupted)[/dim]", end="")
         console.print()
-        history.append(("assistant", answer))
+        history.append({"role": "assistant", "content": answer})
+
+
+class _Lines:
+    """The user's lines: the console's line editor on a terminal, else stdin read as UTF-8 bytes
+    (so that invalid input is a one-line error naming the line, not a traceback)."""
+
+    def __init__(self, console, errors: str):
+        self.console, self.errors, self.lineno = console, errors, 0
+        self.tty = sys.stdin.isatty()
+
+    def read(self, prompt: str) -> str | None:
+        from toolbox.textio import decode_line
+
+        self.lineno += 1
+        if self.tty:
+            try:
+                return self.console.input(prompt).strip()
+            except (EOFError, KeyboardInterrupt):
+                self.console.print()
+                return None
+            except UnicodeDecodeError:
+                self.console.print("[red]that line is not valid UTF-8; try again[/red]")
+                return ""
+        self.console.print(prompt, end="")
+        raw = sys.stdin.buffer.readline()
+        if not raw:
+            self.console.print()
+            return None
+        return decode_line(raw.rstrip(b"\r\n"), self.lineno, self.errors).strip()

@@ -12,10 +12,9 @@ from pathlib import Path
 import click
 
 from toolbox.commands.options import (
-    backend_options,
+    ModelChoice,
     errors_option,
-    load_options,
-    model_options,
+    model_load_options,
     nl_option,
     stdin_bytes,
     stdout_bytes,
@@ -23,7 +22,7 @@ from toolbox.commands.options import (
 from toolbox.errors import ToolboxError
 from toolbox.textio import decode_line, read_whole
 
-GROUP_TOKENS = 32768  # texts are tokenized and scored in groups of about this many tokens
+GROUP_CHARS = 32768  # texts are scored in groups of about this many characters (~tokens)
 
 # Surprisal (-log p, nats) -> style; the last bucket catches everything above.
 SURPRISAL_STYLES = ((1.0, "green"), (3.0, ""), (6.0, "yellow"), (10.0, "bold red"), (float("inf"), "bold white on red"))
@@ -83,7 +82,7 @@ class Inputs:
             try:
                 text = decode_line(body, lineno, self.errors, source)
             except ToolboxError as exc:
-                self._invalid(exc.message, len(raw))
+                self._invalid(str(exc), len(raw))
                 continue
             if not text:
                 self._empty(len(raw))
@@ -94,7 +93,7 @@ class Inputs:
         try:
             text = read_whole(stream, self.errors, source)
         except ToolboxError as exc:
-            self._invalid(exc.message)
+            self._invalid(str(exc))
             return
         if not text:
             self._empty()
@@ -115,7 +114,7 @@ class Inputs:
             try:
                 line = decode_line(raw.rstrip(b"\r\n"), lineno, self.errors, source)
             except ToolboxError as exc:
-                self._invalid(exc.message, len(raw))
+                self._invalid(str(exc), len(raw))
                 continue
             if not line.strip():
                 self._empty(len(raw))
@@ -167,55 +166,39 @@ def _looks_like_path(arg: str) -> bool:
 # -- scoring ------------------------------------------------------------------------
 
 
-@dataclass
-class Side:
-    """One model being scored with: the loaded model and its labels."""
-
-    loaded: object
-    label: str
-
-    @property
-    def model(self):
-        return self.loaded.model
+def _label(model) -> str:
+    dtype = model.describe().get("dtype")
+    return f"{model.name} [{model.backend}{' ' + dtype if dtype else ''}]"
 
 
-def _label(loaded) -> str:
-    info = loaded.model.describe() if hasattr(loaded.model, "describe") else {}
-    dtype = info.get("dtype")
-    return f"{loaded.ref.name} [{loaded.backend}{' ' + dtype if dtype else ''}]"
-
-
-def _load_compare(value: str, model, revision, backend_name: str, options, tokenizer):
+def _compare_choice(value: str, choice: ModelChoice, tokenizer) -> ModelChoice:
     """--compare: a registered backend (optionally BACKEND:DTYPE) means the same model there; else a model.
 
-    A second model must use the same tokenizer (checked before its weights are loaded).
+    A second model must use the same tokenizer (checked before its weights are loaded); it is
+    taken at its default revision (--revision belongs to --model).
     """
     from dataclasses import replace
 
-    from toolbox.backend import backends
-    from toolbox.checkpoints import parse_model, tokenizer_file
-    from toolbox.loader import load
-    from toolbox.tokenizer import Tokenizer
+    from toolbox.api import tokenizer as model_tokenizer
+    from toolbox.backends import registered
 
-    registered = backends()
+    backends = registered()
     name, _, dtype = value.partition(":")
-    if value in registered or (dtype and name in registered):
-        opts = replace(options, dtype=dtype or None, device=options.device if name == backend_name else None)
-        return load(model, revision, name, opts)
-    # --revision belongs to --model; the second model is taken at its default revision.
-    other = Tokenizer(tokenizer_file(parse_model(value)))
+    if value in backends or (dtype and name in backends):
+        return replace(choice, backend=name, dtype=dtype or None, options={},
+                       device=choice.device if name == choice.backend else None)
+    other = model_tokenizer(value)
     if other.sp.serialized_model_proto() != tokenizer.sp.serialized_model_proto():
         raise ToolboxError(f"--compare {value}: its tokenizer differs from the model's, so the scores would not "
                            "be comparable")
-    return load(value, None, backend_name, options)
+    return replace(choice, model=value, revision=None)
 
 
-def _group(texts: Iterator[Text], encode, budget: int) -> Iterator[list[tuple[Text, list[int]]]]:
+def _group(texts: Iterator[Text], budget: int) -> Iterator[list[Text]]:
     group, size = [], 0
     for t in texts:
-        ids = encode(t.text)
-        group.append((t, ids))
-        size += len(ids)
+        group.append(t)
+        size += len(t.text)
         if size >= budget:
             yield group
             group, size = [], 0
@@ -344,14 +327,15 @@ class Reporter:
             table.add_row(*[RichText(x) for x in cells], style=_style(lp))
         c.print(table)
 
-    def finish(self, sides: list[Side], corpora, diff, counts: dict, settings: dict) -> None:
+    def finish(self, sides: list, corpora, diff, counts: dict, settings: dict) -> None:
+        """`sides`: the model(s) scored with (the second is --compare's)."""
         if self.as_json:
             corpus = {"texts": counts["texts"], "tokens": counts["tokens"], **corpora[0].as_dict(),
                       "empty_skipped": counts["empty"], "invalid_skipped": counts["invalid"],
-                      "model": sides[0].loaded.ref.name, "backend": sides[0].loaded.backend, **settings}
+                      "model": sides[0].name, "backend": sides[0].backend, **settings}
             if len(sides) > 1:
-                corpus["compare"] = {**corpora[1].as_dict(), "model": sides[1].loaded.ref.name,
-                                     "backend": sides[1].loaded.backend,
+                corpus["compare"] = {**corpora[1].as_dict(), "model": sides[1].name,
+                                     "backend": sides[1].backend,
                                      "mean_abs_logprob_diff": diff.mean, "max_abs_logprob_diff": diff.largest}
             self.out.write((json.dumps({"corpus": corpus}, ensure_ascii=False) + "\n").encode("utf-8"))
             self.out.flush()
@@ -376,7 +360,7 @@ class Reporter:
         window = f"window {settings['window']}, stride {settings['stride']}, prefix {settings['prefix']}"
         for k, (side, st) in enumerate(zip(sides, corpora)):
             tag = ("A " if k == 0 else "B ") if len(sides) > 1 else ""
-            c.print(RichText(f"{tag}{side.label}: {_ppl_line(st)} ({_n(st.scored, 'token')}, "
+            c.print(RichText(f"{tag}{_label(side)}: {_ppl_line(st)} ({_n(st.scored, 'token')}, "
                              f"{_n(counts['texts'], 'text')}{skipped}; {window})"))
         if len(sides) > 1:
             c.print(RichText(f"mean |Δlogprob| = {_num(diff.mean, '.6f')} nats over {_n(diff.n, 'token')} "
@@ -425,10 +409,9 @@ def _ppl_line(st) -> str:
               help="Progress bar on stderr for files and stdin [default: when stderr is a terminal].")
 @nl_option
 @errors_option
-@backend_options
-@model_options
+@model_load_options
 def score(args, as_text, whole, input_path, field, window, stride, prefix, compare, per_token, summary, as_json,
-          skip_invalid, progress, nl, errors, backend, device, dtype, threads, model, revision):
+          skip_invalid, progress, nl, errors, choice):
     """Log-likelihood and perplexity of texts, per text and over the corpus.
 
     ARGS are texts, or files (each file is one document) when they all name files.
@@ -468,33 +451,23 @@ def score(args, as_text, whole, input_path, field, window, stride, prefix, compa
             missing = args[are_files.index(False)]
             raise click.UsageError(f"{missing!r} is not a file, while other arguments are (use -t to score texts)")
 
-    from toolbox.loader import load
-    from toolbox.scoring import Accumulator, DiffAccumulator, check_window, default_stride, score_documents, text_stats
+    from toolbox.scoring import Accumulator, DiffAccumulator
 
-    options = load_options(device, dtype, threads)
-    loaded = load(model, revision, backend, options)
-    sides = [Side(loaded, _label(loaded))]
+    choice.check()
+    if input_path not in (None, "-") and not Path(input_path).is_file():
+        raise ToolboxError(f"--input {input_path}: no such file")
+    model = choice.load()
+    sides = [model]
     if compare:
-        other = _load_compare(compare, model, revision, loaded.backend, options, loaded.model.tokenizer)
-        sides.append(Side(other, _label(other)))
-    tok = loaded.model.tokenizer
-    context = min(s.model.context_length for s in sides)
-    if window is None:
-        window = context
-    elif window > context:
-        raise click.BadParameter(f"{window} exceeds the model's context of {context}", param_hint="--window")
-    if stride is None:
-        stride = default_stride(window)
+        sides.append(_compare_choice(compare, choice, model.tokenizer).load())
+    tok = model.tokenizer
+    prefix = None if prefix == "none" else prefix
     try:
-        check_window(window, stride)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--stride") from None
-    prefix_id = None
-    if prefix != "none":
-        if prefix not in tok.special_ids:
-            raise ToolboxError(f"--prefix {prefix}: the tokenizer {tok.path} defines no {prefix} token")
-        prefix_id = tok.special_ids[prefix]
-    offset = 0 if prefix_id is not None else 1
+        window, stride, _ = model.scoring_plan(window, stride, prefix, min(m.context_length for m in sides))
+    except ToolboxError as exc:
+        setting, _, reason = str(exc).partition(": ")
+        raise click.BadParameter(reason, param_hint=f"--{setting}") from None
+    offset = 0 if prefix is not None else 1
 
     inputs = Inputs(errors, skip_invalid)
     total_bytes = None
@@ -520,9 +493,6 @@ def score(args, as_text, whole, input_path, field, window, stride, prefix, compa
         total_bytes = _stream_size(stdin_bytes())
         stream = inputs.lines(stdin_bytes())
 
-    def encode(text: str) -> list[int]:
-        return tok.encode(text.replace("\n", "<NL>") if nl else text)
-
     reporter = Reporter(tok, as_json, per_token, summary, compare is not None)
     corpora = [Accumulator() for _ in sides]
     diff = DiffAccumulator()
@@ -532,33 +502,36 @@ def score(args, as_text, whole, input_path, field, window, stride, prefix, compa
     try:
         with bar:
             task = bar.add_task("scoring", total=total_bytes, tokens=0) if bar.enabled else None
-            for group in _group(stream, encode, GROUP_TOKENS):
-                docs = [ids for _, ids in group]
+            for group in _group(stream, GROUP_CHARS):
                 done = [0.0] * len(group)
 
                 def advance(doc: int, share: float, _group=group, _done=done) -> None:
                     if task is not None:
-                        step = _group[doc][0].nbytes * share / len(sides)
+                        step = _group[doc].nbytes * share / len(sides)
                         _done[doc] += step
                         bar.advance(task, step)
 
-                results = [score_documents(s.model, docs, window, stride, prefix_id, progress=advance)
-                           for s in sides]
-                for k, (t, ids) in enumerate(group):
-                    lps, ranks = results[0][k].logprobs, results[0][k].ranks
+                batch = [t.text for t in group]
+                settings = dict(window=window, stride=stride, prefix=prefix, nl=nl)
+                if len(sides) > 1:
+                    cmp = model.compare(sides[1], batch, progress=advance, **settings)
+                    results = [cmp.a, cmp.b]
+                else:
+                    results = [model.score(batch, progress=advance, **settings)]
+                for k, t in enumerate(group):
+                    first = results[0].texts[k]
                     for acc, res in zip(corpora, results):
-                        acc.add(res[k].logprobs)
-                    st = text_stats(lps)
+                        acc.add(res.texts[k].logprobs)
                     cmp_st = cmp_lps = text_diff = None
                     if len(sides) > 1:
-                        cmp_lps = results[1][k].logprobs
-                        cmp_st = text_stats(cmp_lps)
-                        diff.add(lps, cmp_lps)
-                        text_diff = _mean_diff(lps, cmp_lps)
-                    reporter.text(index, t, ids, offset, lps, ranks, st, cmp_st, text_diff, cmp_lps)
+                        second = results[1].texts[k]
+                        cmp_lps, cmp_st, text_diff = second.logprobs, second.stats, cmp.text_diffs[k]
+                        diff.add(first.logprobs, cmp_lps)
+                    reporter.text(index, t, first.token_ids, offset, first.logprobs, first.ranks, first.stats,
+                                  cmp_st, text_diff, cmp_lps)
                     index += 1
                     counts["texts"] += 1
-                    counts["tokens"] += len(ids)
+                    counts["tokens"] += len(first.token_ids)
                     if task is not None:
                         bar.advance(task, t.nbytes - done[k] + inputs.skipped_bytes)
                         inputs.skipped_bytes = 0
@@ -567,14 +540,8 @@ def score(args, as_text, whole, input_path, field, window, stride, prefix, compa
         click.echo("interrupted", err=True)
         sys.exit(130)
     counts.update(empty=inputs.empty, invalid=inputs.invalid)
-    settings = {"window": window, "stride": stride, "prefix": prefix}
+    settings = {"window": window, "stride": stride, "prefix": prefix or "none"}
     reporter.finish(sides, [acc.stats() for acc in corpora], diff, counts, settings)
-
-
-def _mean_diff(a, b):
-    from toolbox.scoring import mean_abs_diff
-
-    return mean_abs_diff(a, b)
 
 
 class _NoProgress:

@@ -10,7 +10,7 @@ import threading
 
 import click
 
-from toolbox.commands.options import backend_options, load_options, model_options
+from toolbox.commands.options import model_load_options
 from toolbox.errors import ToolboxError
 
 
@@ -47,10 +47,9 @@ def _loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
-@backend_options
-@model_options
+@model_load_options
 def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout, root_path, model_process,
-          engine_nice, log_level, access_log, backend, device, dtype, threads, model, revision):
+          engine_nice, log_level, access_log, choice):
     """Serve the model over HTTP: Azure ML /score, OpenAI /v1/completions and /v1/chat/completions.
 
     Also /v1/models, /tokenize, /detokenize, /health (503 until the model is loaded)
@@ -66,11 +65,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
       curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "吾輩は猫である。", "max_tokens": 32}'
     """
-    from toolbox.backend import pick_backend
-    from toolbox.checkpoints import parse_model
-
-    parse_model(model, revision)  # unknown names fail here, before the port opens
-    pick_backend(backend)
+    choice.check()  # an unknown model, backend or option fails here, before the port opens
     if not _loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
 
@@ -80,8 +75,8 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
         from toolbox.serving.app import Settings, create_app
     except ImportError as exc:
         raise ToolboxError(f"toolbox serve needs fastapi, uvicorn and prometheus_client ({exc})") from None
-    from toolbox.loader import load
     from toolbox.serving.worker import load_in_process
+    from toolbox.types import LoadOptions
 
     settings = Settings(served_model_name=served_model_name, api_key=api_key or None, max_batch_size=max_batch_size,
                         max_queue=max_queue, shutdown_timeout=shutdown_timeout, engine_nice=engine_nice,
@@ -95,13 +90,13 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
 
     def load_model():
         try:
-            options = load_options(device, dtype, threads)
             if model_process:
-                loaded = load_in_process(model, revision, backend, options, engine_nice)
+                options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
+                model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)
             else:
-                loaded = load(model, revision, backend, options)
-            state.attach(loaded)
-            click.echo(f"toolbox serve: {state.name} loaded on {loaded.backend}; ready", err=True)
+                model = choice.load()
+            state.attach(model)
+            click.echo(f"toolbox serve: {state.name} loaded on {model.backend}; ready", err=True)
         except BaseException as exc:  # noqa: BLE001 - reported after the server stops
             failure.append(exc)
             state.failed(exc)
@@ -119,4 +114,4 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
         signal.signal(signal.SIGTERM, previous)
     if failure:
         exc = failure[0]
-        raise ToolboxError(f"cannot serve: {exc.format_message() if isinstance(exc, ToolboxError) else exc}")
+        raise ToolboxError(f"cannot serve: {exc}")

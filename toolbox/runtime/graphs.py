@@ -38,7 +38,6 @@ memory in ``describe()``.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import weakref
 from dataclasses import dataclass
@@ -46,11 +45,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from toolbox.backend import extra_flag
-
 from .model import GPTNeoX
 
-_AUTO = object()
+#: kv_bucket's default: 256 slots, or the whole cache when the step is compiled
+AUTO_BUCKET = object()
 
 #: Cache slots are allocated in multiples of this (FastRuntimeModel), so that a cache
 #: and its graphs are reused across requests of similar length.
@@ -59,37 +57,11 @@ SLOT_MULTIPLE = 256
 
 @dataclass(frozen=True)
 class DecoderOptions:
-    """How a GPU backend decodes; see `decoder_options`."""
+    """How a GPU backend decodes (the backend reads them from its options)."""
 
     graphs: bool = True
     compile: bool = False
-    kv_bucket: int | None | object = _AUTO  # _AUTO: 256, or the whole cache with compile
-
-
-def decoder_options(extra: dict | None, default_compile: bool = False, env=None) -> DecoderOptions:
-    """Read the decode options of a GPU backend.
-
-    From ``LoadOptions.extra`` first, else the environment (the CLI has no flag for them):
-
-    - ``graphs`` / ``TOOLBOX_CUDA_GRAPHS`` (default 1): capture the decode step as CUDA graphs;
-    - ``compile`` / ``TOOLBOX_CUDA_COMPILE`` (default ``default_compile``): torch.compile it first;
-    - ``kv_bucket`` / ``TOOLBOX_CUDA_KV_BUCKET``: attention span granularity in slots,
-      ``0`` or ``none`` for the whole cache (default 256, whole cache with compile).
-    """
-    extra = extra or {}
-    env = os.environ if env is None else env
-    graphs = extra_flag(extra.get("graphs"), env.get("TOOLBOX_CUDA_GRAPHS"), True)
-    comp = extra_flag(extra.get("compile"), env.get("TOOLBOX_CUDA_COMPILE"), default_compile)
-    raw = extra.get("kv_bucket", env.get("TOOLBOX_CUDA_KV_BUCKET"))
-    if raw is None or raw == "":
-        bucket = _AUTO
-    elif isinstance(raw, str) and raw.strip().lower() in ("0", "none", "full"):
-        bucket = None
-    else:
-        bucket = int(raw) or None
-        if bucket is not None and bucket < 1:
-            raise ValueError(f"kv_bucket must be >= 1, got {raw!r}")
-    return DecoderOptions(graphs=graphs, compile=comp, kv_bucket=bucket)
+    kv_bucket: int | None | object = AUTO_BUCKET  # AUTO_BUCKET: 256, or the whole cache with compile
 
 
 @dataclass
@@ -127,7 +99,7 @@ class GraphedDecoder:
         *,
         capture: bool | None = None,
         compile: bool = False,
-        kv_bucket=_AUTO,
+        kv_bucket=AUTO_BUCKET,
         warmup: int = 2,
         compile_backend: str = "inductor",
         clone_output: bool = True,
@@ -137,7 +109,7 @@ class GraphedDecoder:
             raise ValueError(f"CUDA graph capture needs a model on a CUDA device, not {model.device}")
         self.model = model
         self.capture = cuda if capture is None else bool(capture)
-        self.kv_bucket = (None if compile else 256) if kv_bucket is _AUTO else kv_bucket
+        self.kv_bucket = (None if compile else 256) if kv_bucket is AUTO_BUCKET else kv_bucket
         if self.kv_bucket is not None and self.kv_bucket < 1:
             raise ValueError(f"kv_bucket must be >= 1 or None, got {self.kv_bucket}")
         self.warmup = max(1, warmup)

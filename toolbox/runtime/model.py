@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import NeoXConfig
+from toolbox.config import NeoXConfig
 from .weights import load_state_dict
 
 _ACTIVATIONS = {

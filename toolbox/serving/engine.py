@@ -34,9 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from toolbox.backend import GenerationParams, LoadedModel
-from toolbox.batching import SequenceRequest
 from toolbox.streaming import TextAssembler
+from toolbox.types import GenerationParams, SequenceRequest
 
 log = logging.getLogger("toolbox.serve")
 
@@ -134,9 +133,10 @@ def batch_params(params: GenerationParams) -> GenerationParams:
 
 
 class Engine:
-    """Runs `model.batcher(max_batch_size)` on its own thread; see the module docstring."""
+    """Runs `model.batcher(max_batch_size)` (`model`: a `toolbox.backend.LoadedModel`) on its own
+    thread; see the module docstring."""
 
-    def __init__(self, model: LoadedModel, max_batch_size: int, max_queue: int, metrics=None, batch_wait: float = 0.03,
+    def __init__(self, model, max_batch_size: int, max_queue: int, metrics=None, batch_wait: float = 0.03,
                  nice: int = 0):
         self.model = model
         self.nice = nice
@@ -360,13 +360,9 @@ class Engine:
                 if seq.sub.first_token_at is None:
                     seq.sub.first_token_at = now
                     ttfts.append(now - seq.sub.created)
-            text = seq.text.push(event.token_id)
-            reason = event.finish_reason
+            text, reason = seq.text.step(event.token_id, event.finish_reason)
             if seq.text.stopped:
                 self._batcher.cancel(seq.id)
-                reason = "stop"
-            elif reason is not None:
-                text += seq.text.finish()
             if reason is not None:
                 finished.append(seq)
                 del self._live[seq.id]

@@ -9,9 +9,13 @@ generation settings that silently do nothing). Every client mistake becomes
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+
+from toolbox.params import Settings, generation_params
+from toolbox.registry import GenerationDefaults
+from toolbox.types import GenerationParams
 
 INT64 = dict(ge=-(2**63), le=2**63 - 1)
 
@@ -131,6 +135,17 @@ class SamplingFields(Request):
         if out is not None and len(out) > 16:
             raise ValueError("must be a string or a list of at most 16 strings")
         return out
+
+    #: the request's names for the library's settings, for errors
+    NAMES: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+    def generation_params(self, defaults: GenerationDefaults, max_new: int) -> GenerationParams:
+        """OpenAI's defaults where the API defines them (temperature 1, top_p 1), else the registry's
+        (`toolbox.params`, policy "openai"); raises `ParamError`."""
+        settings = Settings(max_new_tokens=max_new, min_new_tokens=self.min_tokens, temperature=self.temperature,
+                            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                            seed=self.seed, stop=tuple(self.stop or ()))
+        return generation_params(settings, defaults, "openai")
 
 
 PROMPT_ERROR = "must be a string, a list of strings, a list of token ids, or a list of lists of token ids"
@@ -304,6 +319,13 @@ class AzureParameters(Request):
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0, le=10)
     seed: int | None = Field(None, **INT64)
+
+    def generation_params(self, defaults: GenerationDefaults, max_new: int) -> GenerationParams:
+        """transformers' semantics over the registry's defaults (`toolbox.params`, policy "azure")."""
+        settings = Settings(max_new_tokens=max_new, min_new_tokens=self.min_new_tokens, temperature=self.temperature,
+                            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
+                            do_sample=self.do_sample, seed=self.seed)
+        return generation_params(settings, defaults, "azure")
 
 
 class AzureInput(Request):

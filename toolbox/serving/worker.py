@@ -26,9 +26,8 @@ import sys
 import threading
 from multiprocessing.connection import Connection
 
-from toolbox.backend import LoadOptions, TokenEvent
-from toolbox.batching import SequenceRequest
 from toolbox.errors import ToolboxError
+from toolbox.types import LoadOptions, SequenceRequest, TokenEvent
 
 
 class WorkerError(RuntimeError):
@@ -146,18 +145,18 @@ class RemoteBatcher:
 
 
 def load_in_process(model: str | None, revision: str | None, backend: str, options: LoadOptions, nice: int = 0):
-    """Like `toolbox.loader.load`, with the model in a child process `nice` levels below this one."""
+    """Like `toolbox.load`: a `toolbox.Model`, but with the model in a child process `nice` levels below this one."""
+    from toolbox.api import Model
     from toolbox.checkpoints import parse_model
-    from toolbox.loader import Loaded
 
     worker = WorkerModel(model, revision, backend, options, nice)
-    return Loaded(parse_model(model, revision), worker, worker.backend)
+    return Model(parse_model(model, revision), worker, worker.backend)
 
 
 def _describe(exc: Exception) -> tuple[str, str, str]:
     """What the parent needs to rebuild `exc` (see `_rebuild`); exceptions themselves may not pickle."""
     if isinstance(exc, ToolboxError):
-        return "toolbox", type(exc).__name__, exc.format_message()
+        return "toolbox", type(exc).__name__, str(exc)
     return "other", type(exc).__name__, str(exc)
 
 
@@ -181,12 +180,12 @@ class _Served:
         self.model = self.current = None  # the LoadedModel; its batcher
 
     def load(self, model, revision, backend, options, nice):
-        from toolbox.loader import load
+        from toolbox.api import load
 
         if nice > 0:
             os.nice(nice)
-        loaded = load(model, revision, backend, options)
-        self.model = loaded.model
+        loaded = load(model, backend, options.dtype, options.device, options.threads, revision, options.extra)
+        self.model = loaded.loaded
         return loaded.backend, self.model.tokenizer, self.model.context_length, self.model.describe()
 
     def batcher(self, capacity):

@@ -1,4 +1,5 @@
-"""Model hyper-parameters, read from a Hugging Face ``config.json``."""
+"""GPT-NeoX hyper-parameters, read from a Hugging Face ``config.json``: the one reader of that file
+(the registry and the runtime both use it)."""
 
 from __future__ import annotations
 

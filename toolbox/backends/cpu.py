@@ -1,24 +1,26 @@
 """Built-in backend `cpu`: the shared runtime on the CPU in float32 or bfloat16.
 
-Option (``LoadOptions.extra``, or the environment for the CLI): ``compile`` /
-``TOOLBOX_CPU_COMPILE`` (default off): decode through a step compiled by inductor
-(`toolbox.runtime.cpu.compiled_decode`), compiled while loading. It pays off on long
-generations: see docs/generate.md.
+Option ``compile`` (``-o compile=1``, env ``TOOLBOX_CPU_COMPILE``; default off): decode
+through a step compiled by inductor (`toolbox.runtime.cpu.compiled_decode`), compiled
+while loading. It pays off on long generations: see docs/generate.md.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-from toolbox.backend import Backend, GenerationParams, LoadOptions, extra_flag
+from toolbox.backend import Backend, BackendOption
 from toolbox.hookspecs import hookimpl
+from toolbox.types import GenerationParams, LoadOptions
 
 
 class CPUBackend(Backend):
     name = "cpu"
-    description = ("PyTorch on the CPU (float32, bfloat16); --threads sets the thread count; "
-                   "TOOLBOX_CPU_COMPILE=1 compiles the decode step (long runs)")
+    description = "PyTorch on the CPU (float32, bfloat16); --threads sets the thread count"
+    options = (
+        BackendOption("compile", "compile the decode step with inductor while loading (pays off on long runs)",
+                      "TOOLBOX_CPU_COMPILE", "0"),
+    )
 
     def load(self, checkpoint: Path, options: LoadOptions):
         import torch
@@ -30,12 +32,9 @@ class CPUBackend(Backend):
         if options.device not in (None, "cpu"):
             raise ToolboxError(f"the cpu backend runs on the CPU, not {options.device!r}")
         dtype = torch_dtype(options.dtype or "float32", ("float32", "bfloat16"))
+        compiled = self.flag(options, "compile")
         if options.threads:
             torch.set_num_threads(options.threads)
-        try:
-            compiled = extra_flag(options.extra.get("compile"), os.environ.get("TOOLBOX_CPU_COMPILE"), False)
-        except ValueError as exc:
-            raise ToolboxError(f"TOOLBOX_CPU_COMPILE: {exc}") from None
         module = load_module(checkpoint, "cpu", dtype)
         if not compiled:  # inductor packs the weights itself, and better
             pack_linears(module)
@@ -49,7 +48,7 @@ class CPUBackend(Backend):
 
 
 def _compile_now(model) -> None:
-    """Run a two-token generation so that the decode step compiles while loading (errors surface here)."""
+    """Run a short generation so that the decode step compiles while loading (errors surface here)."""
     from toolbox.errors import ToolboxError
 
     try:

@@ -6,19 +6,19 @@ from a memory-mapped ``.bin``) and cast there, so the host never holds a copy.
 
 Decoding runs through `toolbox.runtime.graphs.GraphedDecoder`: a static KV cache, the
 decode step captured as a CUDA graph per batch size and attention span, sampling on
-the device. Options (``LoadOptions.extra``, or the environment for the CLI):
-``graphs`` / ``TOOLBOX_CUDA_GRAPHS`` (default on), ``compile`` / ``TOOLBOX_CUDA_COMPILE``
+the device. Options (`toolbox.backends.gpu`): ``graphs`` (default on), ``compile``
 (torch.compile the step before capture; default off: about 40 s per batch size),
-``kv_bucket`` / ``TOOLBOX_CUDA_KV_BUCKET`` (attention span granularity, default 256).
-See docs/gpu.md.
+``kv_bucket`` (attention span granularity, default 256). See docs/gpu.md.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from toolbox.backend import Backend, LoadOptions
+from toolbox.backend import Backend
+from toolbox.backends.gpu import GPU_OPTIONS, decoder_options
 from toolbox.hookspecs import hookimpl
+from toolbox.types import LoadOptions
 
 
 def cuda_unavailable_reason() -> str | None:
@@ -39,13 +39,14 @@ def cuda_unavailable_reason() -> str | None:
 class CUDABackend(Backend):
     name = "cuda"
     description = "PyTorch on an NVIDIA GPU (float16, bfloat16), static KV cache, CUDA-graph decode"
+    options = GPU_OPTIONS
 
     def unavailable_reason(self) -> str | None:
         return cuda_unavailable_reason()
 
     def load(self, checkpoint: Path, options: LoadOptions):
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.graphs import decoder_options, fast_runtime_model
+        from toolbox.runtime.graphs import fast_runtime_model
         from toolbox.runtime.loaded import checkpoint_tokenizer, load_module, torch_dtype
 
         device = options.device or "cuda"
@@ -55,10 +56,7 @@ class CUDABackend(Backend):
         if reason is not None:
             raise ToolboxError(f"backend 'cuda' is not available ({reason})")
         dtype = torch_dtype(options.dtype or "float16", ("float16", "bfloat16", "float32"))
-        try:
-            opts = decoder_options(options.extra)
-        except ValueError as exc:
-            raise ToolboxError(str(exc)) from None
+        opts = decoder_options(self, options)
         module = load_module(checkpoint, device, dtype)  # safetensors opened on the device
         info = {"backend": self.name, "device": str(module.device), "dtype": str(dtype).removeprefix("torch.")}
         return fast_runtime_model(module, checkpoint_tokenizer(checkpoint), info, opts)

@@ -1,4 +1,4 @@
-"""Built-in backend `quant`: int8 (and int4 on CUDA) weight quantization of the shared runtime.
+"""Weight quantization of the shared runtime (the `quant` backend's machinery), and its cache.
 
 On the CPU, int8 uses torch's dynamic quantization (int8 weights and int8 matmuls
 with activations quantized on the fly), by far the fastest int8 path there. On CUDA,
@@ -21,11 +21,10 @@ then a bf16 matmul in eager mode (slower than fp16), and only Inductor fuses the
 into one kernel that reads the int8 weights once. int4 (tinygemm) is fused already.
 
 Quantized weights are cached (``quantized_cache_dir``), so a later start skips both the
-full-precision load and the quantization. ``LoadOptions.extra["quant_cache"]`` or
-``TOOLBOX_QUANT_CACHE``: ``1`` always, ``0`` never, ``auto`` (default) when the
-checkpoint's weight files hold at least 64 MiB (tiny test models are not cached).
-The cache lives in ``$TOOLBOX_CACHE/quantized`` (default ``$XDG_CACHE_HOME/toolbox``,
-else ``~/.cache/toolbox``), one directory per checkpoint, scheme and library versions.
+full-precision load and the quantization (the backend's ``quant_cache`` option decides
+when; ``cache_wanted``). The cache lives in ``$TOOLBOX_CACHE/quantized`` (default
+``$XDG_CACHE_HOME/toolbox``, else ``~/.cache/toolbox``), one directory per checkpoint,
+scheme and library versions.
 """
 
 from __future__ import annotations
@@ -36,10 +35,6 @@ import os
 import sys
 from pathlib import Path
 
-from toolbox.backend import Backend, LoadOptions
-from toolbox.hookspecs import hookimpl
-
-SCHEMES = ("int8", "int4")
 INT4_GROUP = 128
 CACHE_FORMAT = 1
 AUTO_CACHE_BYTES = 64 << 20
@@ -176,13 +171,15 @@ def quantized_cache_dir(checkpoint: Path, scheme: str, device_type: str) -> Path
     return cache_root() / "quantized" / cache_key(checkpoint, scheme, device_type)
 
 
-def cache_wanted(checkpoint: Path, extra: dict | None) -> bool:
-    value = (extra or {}).get("quant_cache", os.environ.get("TOOLBOX_QUANT_CACHE", "auto"))
-    value = str(value).strip().lower() if not isinstance(value, bool) else ("1" if value else "0")
+def cache_wanted(checkpoint: Path, setting: str | None) -> bool:
+    """``setting``: "1" always, "0" never, "auto"/None when the weight files hold at least 64 MiB."""
+    value = (setting or "auto").strip().lower()
     if value in ("1", "true", "yes", "on"):
         return True
     if value in ("0", "false", "no", "off"):
         return False
+    if value != "auto":
+        raise ValueError(f"expected 1, 0 or auto, got {setting!r}")
     try:
         return sum(f.stat().st_size for f in _weight_files(checkpoint)) >= AUTO_CACHE_BYTES
     except OSError:
@@ -264,7 +261,7 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
     """Rebuild the quantized module saved by `save_quantized` (for ``checkpoint``'s config) on ``device``."""
     import torch
 
-    from toolbox.runtime.config import NeoXConfig
+    from toolbox.config import NeoXConfig
     from toolbox.runtime.model import GPTNeoX
 
     config = NeoXConfig.from_dir(checkpoint)
@@ -356,50 +353,3 @@ def load_or_quantize(checkpoint: Path, scheme: str, device: str, use_cache: bool
     except Exception as exc:  # noqa: BLE001
         print(f"toolbox: could not write the quantized-weight cache {directory}: {exc}", file=sys.stderr)
         return module, f"error: {exc}"
-
-
-class QuantBackend(Backend):
-    name = "quant"
-    description = "int8 weights on CPU (torch dynamic quantization) or CUDA (torchao); int4 on CUDA"
-
-    def load(self, checkpoint: Path, options: LoadOptions):
-        import torch
-
-        from toolbox.errors import ToolboxError
-        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer
-
-        scheme = options.dtype or "int8"
-        if scheme not in SCHEMES:
-            raise ToolboxError(f"the quant backend takes --dtype {' or '.join(SCHEMES)}, not {scheme!r}")
-        device = options.device or "cpu"
-        if device == "cpu":
-            if scheme == "int4":
-                raise ToolboxError("int4 needs CUDA: torchao has no int4 CPU kernel for this torch build")
-            if options.threads:
-                torch.set_num_threads(options.threads)
-        elif device.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ToolboxError(f"the quant backend cannot use {device!r}: no usable CUDA device")
-        else:
-            raise ToolboxError(f"the quant backend runs on cpu or cuda, not {device!r}")
-        try:
-            use_cache = cache_wanted(checkpoint, options.extra)
-            module, cached = load_or_quantize(checkpoint, scheme, device, use_cache)
-        except (ValueError, KeyError, OSError) as exc:
-            raise ToolboxError(f"cannot load {checkpoint}: {exc}") from None
-        info = {"backend": self.name, "device": device, "dtype": scheme, "quantized_cache": cached}
-        tokenizer = checkpoint_tokenizer(checkpoint)
-        if device == "cpu":
-            return RuntimeModel(module, tokenizer, info)
-        from toolbox.runtime.graphs import decoder_options, fast_runtime_model
-
-        try:
-            opts = decoder_options(options.extra, default_compile=scheme == "int8")
-        except ValueError as exc:
-            raise ToolboxError(str(exc)) from None
-        return fast_runtime_model(module, tokenizer, info, opts)
-
-
-@hookimpl
-def register_backends():
-    return [QuantBackend()]

@@ -1,0 +1,119 @@
+"""Plain value types shared by every layer: generation settings, token events, scores.
+
+Nothing here imports torch, click or any other part of the toolbox, so the library,
+the backends (built-in or third-party), the runtime and the server all speak the same
+types without depending on each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load: device ("cpu", "cuda", "cuda:1"), dtype name, CPU threads, backend options.
+
+    `extra` holds the backend's own options by name (`-o KEY=VALUE` on the command line,
+    `options={...}` in `toolbox.load`); see `Backend.options`.
+    """
+
+    device: str | None = None
+    dtype: str | None = None
+    threads: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling and stopping settings for one generate call (temperature 0 = greedy)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One new token of sequence `seq` (= prompt_index * n + sample_index)."""
+
+    seq: int
+    token_id: int
+    logprob: float  # log-probability of the token under the model (before sampling filters)
+    finish_reason: str | None  # "stop" (EOS), "length", "error" (this sequence failed), or None while running
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Scores of one sequence's tokens: entry k is for the k-th token scored (given all before it).
+
+    `logprobs`: log p(token | tokens before it) in nats, from fp32 logits.
+    `ranks`: 1 + the number of vocabulary entries with a strictly larger logit
+    (1 = the model's most likely token; ties share the better rank).
+    """
+
+    logprobs: list[float]
+    ranks: list[int]
+
+
+class TokenStream(Protocol):
+    """What `LoadedModel.generate_tokens` returns: iterate for the tokens of each step; `cancel` ends a sequence."""
+
+    def __iter__(self) -> Iterator[list[TokenEvent]]: ...
+
+    def cancel(self, seq: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Event:
+    """A streamed generation event: a token with the text it completed."""
+
+    seq: int
+    prompt_index: int
+    token_id: int
+    logprob: float
+    text: str  # text made final by this token ("" while a character's bytes are incomplete)
+    finish_reason: str | None  # "stop" (EOS or stop string), "length", or None
+
+
+@dataclass(frozen=True)
+class SequenceRequest:
+    """One sequence for a `Batcher`; `TokenEvent.seq` carries its `id`."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+
+
+class Batcher(Protocol):
+    """A request-level batcher, driven by one thread: `add` requests, `step` to advance every
+    running request by one token, `cancel` the ones whose clients left.
+
+    Optional members: `runs_groups` (True: one group at a time, not a continuous batch) and
+    `take_refused() -> list[tuple[int, Exception]]` (a batcher whose `add` defers its checks
+    reports the requests it refused since the last call).
+    """
+
+    capacity: int
+
+    def add(self, request: SequenceRequest) -> None: ...
+
+    def cancel(self, request_id: int) -> None: ...
+
+    def step(self) -> list[TokenEvent]: ...
+
+    def pending(self) -> int:
+        """Requests added and not yet finished or cancelled (running + waiting)."""
+        ...
+
+    def running(self) -> int:
+        """Requests currently in the batch."""
+        ...
