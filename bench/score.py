@@ -270,7 +270,7 @@ def gpu_main(args) -> dict:
     # Our module shares the very same weight tensors (no second copy).
     with torch.device("meta"):
         module = GPTNeoX(NeoXConfig.from_dict(cfg.to_dict()))
-    expected = {name for name, _ in module.named_parameters()}
+    expected = {name: tuple(p.shape) for name, p in module.named_parameters()}
     # transformers 5 calls the output layer lm_head (checkpoints keep embed_out).
     state = {k.removeprefix("gpt_neox.").replace("lm_head.", "embed_out."): v for k, v in hf.state_dict().items()}
     missing = expected - state.keys()

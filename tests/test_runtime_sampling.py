@@ -106,3 +106,32 @@ def test_params_validation():
         SamplingParams(top_p=0)
     with pytest.raises(ValueError):
         SamplingParams(temperature=-1)
+
+
+def test_rows_with_non_finite_logits_still_give_real_tokens():
+    """NaN and inf in any row (broken weights, an overflow) never make a NaN distribution or an id past
+    the vocabulary; the other rows sample as usual."""
+    V = 50
+    logits = torch.randn(5, V)
+    logits[0] = float("nan")  # nothing usable: some real id
+    logits[1, 7] = float("inf")  # one +inf: that id
+    logits[2, [3, 9]] = float("inf")  # two: one of them
+    logits[3, :] = float("-inf")  # everything excluded: some real id
+    gen = torch.Generator().manual_seed(0)
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1e-30), SamplingParams(top_p=1e-30),
+                   SamplingParams(temperature=1.0, repetition_penalty=1e-30)):
+        seen = torch.ones(5, V, dtype=torch.bool)
+        tokens, logprobs = sample(logits.clone(), params, gen, seen)
+        assert tokens.shape == (5,) and bool(((tokens >= 0) & (tokens < V)).all())
+        assert tokens[1].item() == 7 and tokens[2].item() in (3, 9)
+        clean = sample(logits[4:].clone(), params, torch.Generator().manual_seed(1), seen[4:])[0]
+        assert 0 <= clean.item() < V
+
+
+def test_ids_outside_the_tokenizer_are_never_sampled():
+    logits = torch.zeros(3, 40)
+    logits[:, 35:] = 50.0  # the padded tail is by far the most likely
+    outside = torch.arange(40) >= 32
+    for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
+        tokens, _ = sample(logits, params, torch.Generator().manual_seed(0), outside=outside)
+        assert bool((tokens < 32).all())

@@ -268,7 +268,18 @@ def test_echo_logprobs_equal_transformers(api, model):
     ref = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
     assert lp["token_logprobs"][0] is None and len(lp["token_logprobs"]) == len(ids)
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], ref)) < 1e-4
-    assert lp["top_logprobs"] is None
+    # top_logprobs (logprobs=1): the most likely token at each position, as transformers ranks them
+    tops = lp["top_logprobs"]
+    assert tops[0] is None and all(len(t) == 1 for t in tops[1:])
+    best = torch.log_softmax(logits, -1).max(-1)
+    tok_text = [api.post("/detokenize", json={"ids": [int(i)]}).json()["text"] for i in best.indices[:-1].tolist()]
+    for top, want_text, want_lp in zip(tops[1:], tok_text, best.values.tolist()):
+        (got_text, got_lp), = top.items()
+        assert abs(got_lp - want_lp) < 1e-4
+        assert got_text == want_text or got_text.startswith("bytes:")
+    # lm-evaluation-harness' greedy test: a token is greedy when its logprob is the top one
+    assert [abs(a - max(t.values())) < 1e-6 for a, t in zip(lp["token_logprobs"][1:], tops[1:])] == [
+        r == b for r, b in zip(ids[1:], best.indices[:-1].tolist())]
     # offsets point into the text; byte-fallback pieces of one character share its offset
     assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
     assert any(t.startswith("bytes:") for t in lp["tokens"])
@@ -276,6 +287,7 @@ def test_echo_logprobs_equal_transformers(api, model):
     r2 = api.post("/v1/completions", json={"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 3,
                                           "temperature": 0}).json()["choices"][0]
     assert r2["logprobs"]["token_logprobs"][: len(ids)] == lp["token_logprobs"]
+    assert r2["logprobs"]["top_logprobs"] is None  # logprobs 0: no alternatives
     assert len(r2["logprobs"]["tokens"]) == len(ids) + 3 or r2["finish_reason"] == "stop"
     assert r2["text"].startswith(text)
 

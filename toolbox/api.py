@@ -159,7 +159,8 @@ class Model:
         return self.chat_template if template == "auto" else template == "rinna-chat"
 
     def prompt_ids(self, prompt: str | Sequence[int], max_new_tokens: int, template: str = "auto",
-                   truncate: str = "error", where: str = "prompt", advice: str = LIBRARY_ADVICE) -> list[int]:
+                   truncate: str = "error", where: str = "prompt", advice: str = LIBRARY_ADVICE,
+                   max_field: str = "max_new_tokens") -> list[int]:
         """The ids the model sees for `prompt` (template applied to text), fitted to the context."""
         if isinstance(prompt, str):
             text = chat_prompt([("user", prompt)]) if prompt and self.uses_template(template) else prompt
@@ -170,7 +171,7 @@ class Model:
                 self.tokenizer.check_ids(ids)
             except ValueError as exc:
                 raise ToolboxError(f"{where}: {exc}") from None
-        return fit_prompt(ids, max_new_tokens, self.context_length, truncate, where, advice=advice)
+        return fit_prompt(ids, max_new_tokens, self.context_length, truncate, where, max_field, advice)
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str], *, template: str = "auto",
                  truncate: str = "error", batch_size: int = 16, **settings) -> Completion | list[Completion]:
@@ -231,14 +232,16 @@ class Model:
         yield from self.loaded.generate(prompts, params, nl)
 
     def run(self, prompts: list[list[int]], params: GenerationParams, nl: bool = False, batch_size: int = 16,
-            texts: list[str | None] | None = None, on_sample: Callable[[int, int, Sample], None] | None = None
-            ) -> list[Completion]:
+            texts: list[str | None] | None = None, on_sample: Callable[[int, int, Sample], None] | None = None,
+            errors: str = "raise") -> list[Completion]:
         """Generate for prompts given as ids: one `Completion` per prompt.
 
         One prompt with n = 1 runs through the backend's `generate` (its fastest path for a
         single sequence); anything more through its batcher, each sample its own request
         seeded with seed + k, so that results do not depend on batching. `on_sample(prompt,
-        k, sample)` is called as each sample finishes.
+        k, sample)` is called as each sample finishes. A sample the backend fails on its own
+        raises `ToolboxError`, or with ``errors="record"`` ends with finish_reason "error" and
+        its `error` set while the others go on.
         """
         texts = texts or [None] * len(prompts)
         completions = [Completion(t, ids, [Sample() for _ in range(params.n)]) for t, ids in zip(texts, prompts)]
@@ -254,10 +257,10 @@ class Model:
             for k in range(params.n):
                 request_params = replace(params, n=1, stop=(), seed=sample_seed(params.seed, k))
                 requests.append((SequenceRequest(len(requests), ids, request_params), completions[i].samples[k], i, k))
-        self._drive(requests, params.stop, nl, batch_size, on_sample)
+        self._drive(requests, params.stop, nl, batch_size, on_sample, errors)
         return completions
 
-    def _drive(self, requests, stop: tuple[str, ...], nl: bool, capacity: int, on_sample) -> None:
+    def _drive(self, requests, stop: tuple[str, ...], nl: bool, capacity: int, on_sample, errors: str) -> None:
         """Run requests through the backend's batcher to the end (the library's engine loop)."""
         batcher = self.loaded.batcher(max(1, min(capacity, len(requests))))
         live = {}
@@ -279,7 +282,12 @@ class Model:
                     if on_sample is not None:
                         on_sample(i, k, sample)
             for request_id, exc in getattr(batcher, "take_refused", list)():
-                raise ToolboxError(f"prompt[{live[request_id][2]}]: {exc}")
+                _, sample, i, k = live.pop(request_id)
+                if errors != "record":
+                    raise ToolboxError(f"prompt[{i}]: generation failed: {exc}")
+                sample.finish_reason, sample.error = "error", str(exc)
+                if on_sample is not None:
+                    on_sample(i, k, sample)
         if live:
             raise ToolboxError("the backend's batcher ended sequences without finishing them")
 

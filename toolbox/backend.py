@@ -67,6 +67,11 @@ class LoadedModel(ABC):
             out.append(TokenScores(list(s.logprobs[f - 1 :]), list(s.ranks[f - 1 :])))
         return out
 
+    def score_top(self, sequences: list[list[int]], first: list[int], k: int) -> list[TokenScores]:
+        """`score_from` with `TokenScores.top` filled: the k most likely tokens at each scored
+        position, with their log-probabilities (optional: OpenAI's `top_logprobs`)."""
+        raise ToolboxError(f"the {type(self).__name__} backend does not report top log-probabilities")
+
     def describe(self) -> dict:
         """Facts worth showing the user: device, dtype, memory."""
         return {}
@@ -91,7 +96,7 @@ class LoadedModel(ABC):
                 delta, reason = text.step(t.token_id, t.finish_reason)
                 if text.stopped:
                     stream.cancel(t.seq)
-                yield Event(t.seq, t.seq // params.n, t.token_id, t.logprob, delta, reason)
+                yield Event(t.seq, t.seq // params.n, t.token_id, t.logprob, delta, reason, t.top)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,29 +79,35 @@ def done_indices(output: Path) -> set[int]:
 def read_records(path: Path, field: str, skip: set[int], failures: list[str]) -> Iterator[InputRecord]:
     """The valid records of `path` not in `skip`; a bad one adds a line naming it to `failures`."""
     with path.open("rb") as f:
-        for index, raw in enumerate(f):
-            if index in skip or not raw.strip():
-                continue
-            where = f"{path.name} line {index + 1}"
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                failures.append(f"{where}: invalid UTF-8 at byte {exc.start}")
-                continue
-            except json.JSONDecodeError as exc:
-                failures.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
-                continue
-            if not isinstance(record, dict):
-                failures.append(f"{where}: expected a JSON object")
-                continue
-            text = record.get(field)
-            if not isinstance(text, str):
-                failures.append(f"{where}: field {field!r} missing or not a string")
-                continue
-            if not text:
-                failures.append(f"{where}: field {field!r} is empty")
-                continue
-            yield InputRecord(index, record, text)
+        yield from parse_lines(f, path.name, field, skip, failures)
+
+
+def parse_lines(lines: Iterable[bytes], name: str, field: str, skip: set[int],
+                failures: list[str]) -> Iterator[InputRecord]:
+    """`read_records` over the lines of a file called `name` that is already open (or in memory)."""
+    for index, raw in enumerate(lines):
+        if index in skip or not raw.strip():
+            continue
+        where = f"{name} line {index + 1}"
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            failures.append(f"{where}: invalid UTF-8 at byte {exc.start}")
+            continue
+        except json.JSONDecodeError as exc:
+            failures.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        if not isinstance(record, dict):
+            failures.append(f"{where}: expected a JSON object")
+            continue
+        text = record.get(field)
+        if not isinstance(text, str):
+            failures.append(f"{where}: field {field!r} missing or not a string")
+            continue
+        if not text:
+            failures.append(f"{where}: field {field!r} is empty")
+            continue
+        yield InputRecord(index, record, text)
 
 
 def count_todo(path: Path, skip: set[int]) -> int:

@@ -75,7 +75,12 @@ def parse_model(name: str | None, revision: str | None = None) -> ModelRef:
         if spec.path is not None:
             return ModelRef(spec.id, spec, None, spec.path, revision)
         return ModelRef(spec.id, spec, spec.id, None, revision)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+    if path.exists():
+        raise ToolboxError(f"model {name!r}: a file, not a checkpoint directory (config.json, weights, spiece.model)")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local:
+        raise ToolboxError(f"model {name!r}: no such directory")
+    if name.count("/") == 1:
         return ModelRef(name, None, name, None, revision)
     raise ToolboxError(
         f"unknown model {name!r}: not a registry id or alias, hub id (owner/name) or directory; "
@@ -102,16 +107,20 @@ def checkpoint_dir(ref: ModelRef) -> Path:
     return Path(download(ref))
 
 
-def download(ref: ModelRef) -> str:
-    """Fetch (or find in the cache) metadata, tokenizer and one set of weights; returns the snapshot dir."""
+def download(ref: ModelRef, fetching: bool = False) -> str:
+    """Fetch (or find in the cache) metadata, tokenizer and one set of weights; returns the snapshot dir.
+
+    `fetching`: the user asked for the download itself (`toolbox download`), which changes the advice
+    when the hub cannot be reached.
+    """
     for weights in WEIGHT_PATTERNS:
-        snapshot = _hub_snapshot(ref, METADATA_PATTERNS + weights)
+        snapshot = _hub_snapshot(ref, METADATA_PATTERNS + weights, fetching)
         if any(Path(snapshot).glob(weights[0])):
             return snapshot
     raise ToolboxError(f"hub repository {ref.repo_id!r} has no safetensors or pytorch_model*.bin weights")
 
 
-def _hub_snapshot(ref: ModelRef, patterns: list[str]) -> str:
+def _hub_snapshot(ref: ModelRef, patterns: list[str], fetching: bool = False) -> str:
     import huggingface_hub
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -122,8 +131,12 @@ def _hub_snapshot(ref: ModelRef, patterns: list[str]) -> str:
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as exc:
         offline = huggingface_hub.constants.HF_HUB_OFFLINE
         why = "HF_HUB_OFFLINE is set" if offline else f"the hub is unreachable ({type(exc).__name__})"
+        if fetching:
+            advice = "unset HF_HUB_OFFLINE to allow downloads" if offline else "try again where the hub is reachable"
+        else:
+            advice = (f"run `toolbox download {ref.name}` where the hub is reachable, or pass --model with a "
+                      "local checkpoint directory")
         raise ToolboxError(
             f"model {ref.repo_id!r} is not in the local cache ({huggingface_hub.constants.HF_HUB_CACHE}) "
-            f"and {why}: run `toolbox download {ref.name}` where the hub is reachable, "
-            "or pass --model with a local checkpoint directory"
+            f"and {why}: {advice}"
         ) from None

@@ -36,6 +36,7 @@ MAX_TEMPERATURE = 1e4
 PENALTY_LIMIT = 100.0
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_SAMPLES = 64
+MAX_TOP_LOGPROBS = 20
 
 
 class ParamError(ToolboxError):
@@ -62,6 +63,7 @@ class Settings:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    top_logprobs: int = 0
 
 
 def generation_params(settings: Settings, defaults: GenerationDefaults, policy: str = "toolbox") -> GenerationParams:
@@ -107,6 +109,7 @@ def generation_params(settings: Settings, defaults: GenerationDefaults, policy: 
         seed=_seed(s.seed),
         stop=tuple(x for x in s.stop if x),
         n=_check_int("n", s.n, 1, MAX_SAMPLES),
+        top_logprobs=_check_int("top_logprobs", s.top_logprobs, 0, MAX_TOP_LOGPROBS),
     )
 
 

@@ -87,3 +87,27 @@ def _content_text(content, i: int) -> str:
                                          and isinstance(p.get("text"), str) for p in content):
         return "".join(p["text"] for p in content)
     raise ToolboxError(f"messages[{i}].content: must be a string or a list of {{'type': 'text', 'text': ...}} parts")
+
+
+#: The instruction template as a Jinja chat template (transformers' and vLLM's convention), for
+#: tools that render prompts themselves: the same text as `chat_prompt(with_instructions(...))`.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='', seen_user=false) -%}"
+    "{%- for m in messages if m['role'] in ['system', 'developer'] -%}"
+    "{%- set ns.system = ns.system ~ ('\\n' if ns.system else '') ~ m['content'] -%}"
+    "{%- endfor -%}"
+    "{%- set turns = messages | selectattr('role', 'in', ['user', 'assistant']) | list -%}"
+    "{%- if ns.system and not (turns | selectattr('role', 'equalto', 'user') | list) -%}"
+    "{%- set turns = [{'role': 'user', 'content': ns.system}] + turns -%}{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{%- for m in turns -%}"
+    "{%- set text = m['content'] -%}"
+    "{%- if m['role'] == 'user' and not ns.seen_user -%}"
+    "{%- if ns.system -%}{%- set text = ns.system ~ '\\n' ~ text -%}{%- endif -%}"
+    "{%- set ns.seen_user = true -%}"
+    "{%- endif -%}"
+    "{{ ('<NL>' if not loop.first else '') ~ ('ユーザー' if m['role'] == 'user' else 'システム') ~ ': '"
+    " ~ text | replace('\\n', '<NL>') }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<NL>システム: ' }}{%- endif -%}"
+)

@@ -19,12 +19,13 @@ class Sample:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     deltas: list[str] = field(default_factory=list)  # the text each token made final (offsets, streaming)
+    tops: list = field(default_factory=list)  # with top_logprobs: each token's most likely (id, logprob) pairs
     finish_reason: str | None = None  # "stop", "length", or "error"
     error: str | None = None  # why, when finish_reason is "error"
     first_token_at: float | None = None  # time.perf_counter() of the first token
     done_at: float | None = None
 
-    def add(self, token_id: int, logprob: float, text: str, finish_reason: str | None) -> None:
+    def add(self, token_id: int, logprob: float, text: str, finish_reason: str | None, top=None) -> None:
         now = time.perf_counter()
         if self.first_token_at is None:
             self.first_token_at = now
@@ -32,6 +33,8 @@ class Sample:
         self.token_ids.append(token_id)
         self.logprobs.append(logprob)
         self.deltas.append(text)
+        if top is not None:
+            self.tops.append(top)
         if finish_reason is not None:
             self.finish_reason, self.done_at = finish_reason, now
 

@@ -31,7 +31,8 @@ class TextAssembler:
         """Add one token; return the text that became final. Sets `stopped` on a stop string."""
         if self.stopped:
             return ""
-        self._pending += self._decoder.decode(self._bytes[token_id])
+        raw = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""  # an id the tokenizer lacks
+        self._pending += self._decoder.decode(raw)
         return self._release(final=False)
 
     def step(self, token_id: int, finish_reason: str | None) -> tuple[str, str | None]:

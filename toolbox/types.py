@@ -39,6 +39,7 @@ class GenerationParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     n: int = 1
+    top_logprobs: int = 0  # report the k most likely tokens at each step (`TokenEvent.top`)
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ class TokenEvent:
     seq: int
     token_id: int
     logprob: float  # log-probability of the token under the model (before sampling filters)
-    finish_reason: str | None  # "stop" (EOS), "length", "error" (this sequence failed), or None while running
+    finish_reason: str | None  # "stop" (EOS), "length", or None while running
+    top: tuple[tuple[int, float], ...] | None = None  # with params.top_logprobs: (id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class TokenScores:
 
     logprobs: list[float]
     ranks: list[int]
+    top: list[list[tuple[int, float]]] | None = None  # from `LoadedModel.score_top`: (id, logprob) per token
 
 
 class TokenStream(Protocol):
@@ -82,6 +85,7 @@ class Event:
     logprob: float
     text: str  # text made final by this token ("" while a character's bytes are incomplete)
     finish_reason: str | None  # "stop" (EOS or stop string), "length", or None
+    top: tuple[tuple[int, float], ...] | None = None  # the most likely tokens here, with params.top_logprobs
 
 
 @dataclass(frozen=True)
@@ -98,8 +102,9 @@ class Batcher(Protocol):
     running request by one token, `cancel` the ones whose clients left.
 
     Optional members: `runs_groups` (True: one group at a time, not a continuous batch) and
-    `take_refused() -> list[tuple[int, Exception]]` (a batcher whose `add` defers its checks
-    reports the requests it refused since the last call).
+    `take_refused() -> list[tuple[int, Exception]]`: the requests refused (by an `add` that
+    defers its checks) or failed on their own (a row isolated from the rest) since the last
+    call; they are gone from the batcher.
     """
 
     capacity: int

@@ -41,11 +41,15 @@ class BatchJob:
             task = progress.add_task("generating", total=todo)
             for batch in _batches(self._prompts(model, params, records, failures), self.batch_size):
                 completions = model.run([ids for _, ids in batch], params, nl, batch_size=self.batch_size,
-                                        texts=[item.prompt for item, _ in batch])
+                                        texts=[item.prompt for item, _ in batch], errors="record")
                 for (item, _), completion in zip(batch, completions):
+                    failed = [s.error for s in completion.samples if s.error is not None]
+                    if failed:  # not written: a rerun tries it again
+                        failures.append(f"{self.source.name} line {item.index + 1}: generation failed: {failed[0]}")
+                        continue
                     out.write(json.dumps(batchjob.result_record(item, completion), ensure_ascii=False) + "\n")
+                    written += 1
                 out.flush()
-                written += len(batch)
                 progress.update(task, completed=written + len(failures))
         for message in failures:
             click.echo(f"Error: {message}", err=True)
@@ -58,7 +62,7 @@ class BatchJob:
             where = f"{self.source.name} line {item.index + 1}"
             try:
                 ids = model.prompt_ids(item.prompt, params.max_new_tokens, self.template, self.truncate, where,
-                                       advice=CLI_ADVICE)
+                                       advice=CLI_ADVICE, max_field="--max-new-tokens")
                 yield item, ids
             except ToolboxError as exc:
                 failures.append(str(exc))

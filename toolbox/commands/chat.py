@@ -30,6 +30,9 @@ def chat(system, errors, choice, **sampling):
     params = build_params(choice, **sampling)
     choice.check()
     model = choice.load()
+    if params.max_new_tokens >= model.context_length:
+        raise click.BadParameter(f"{params.max_new_tokens} leaves no room for the conversation in the model's "
+                                 f"context of {model.context_length} tokens", param_hint="--max-new-tokens")
     if not model.chat_template:
         console.print(f"[yellow]note:[/yellow] {model.name} is not an instruction model; answers may ramble")
     console.print(f"[dim]{model.name} on {model.backend}; {HELP}[/dim]")

@@ -31,10 +31,18 @@ prompt_format_option = click.option(
 @click.command()
 @click.argument("prompt", required=False)
 @click.option("--whole", is_flag=True, help="Treat all of stdin as one prompt (default: each line is a prompt).")
-@click.option("--input", "input_path", type=click.Path(dir_okay=False), help="Batch mode: a JSONL file of prompts.")
-@click.option("--output", "output_path", type=click.Path(dir_okay=False), help="Batch mode: JSONL results (resumable).")
+@click.option("--input", "input_path", type=click.Path(), help="Batch mode: a JSONL file of prompts (--ray: also CSV, "
+              "Parquet, a folder or a URI).")
+@click.option("--output", "output_path", type=click.Path(), help="Batch mode: JSONL results (resumable; --ray: also a "
+              "folder of JSONL or Parquet shards).")
 @click.option("--field", default="prompt", show_default=True, help="Batch mode: the prompt's field in each record.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="Batch mode: prompts per batch.")
+@click.option("--ray", "use_ray", is_flag=True, help="Batch mode as a Ray Data job: an actor pool of models (docs/scale.md).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: model actors [default: 1].")
+@click.option("--gpus-per-actor", type=click.FloatRange(min=0), default=None,
+              help="With --ray: GPUs each actor holds [default: 1 for a model on CUDA, else 0].")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --ray: the cluster (host:port, ray://host:port, auto) [default: $RAY_ADDRESS, else a local one].")
 @sampling_options
 @click.option("-n", "n", type=click.IntRange(1, 64), default=1, show_default=True, help="Samples per prompt.")
 @click.option("--truncate", type=click.Choice(["none", "left"]), default="none", show_default=True,
@@ -43,8 +51,8 @@ prompt_format_option = click.option(
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per sequence: text, ids, logprobs, timings.")
 @errors_option
 @model_load_options
-def generate(prompt, whole, input_path, output_path, field, batch_size, n, truncate, prompt_format, as_json, errors,
-             choice, **sampling):
+def generate(prompt, whole, input_path, output_path, field, batch_size, use_ray, replicas, gpus_per_actor, ray_address,
+             n, truncate, prompt_format, as_json, errors, choice, **sampling):
     """Generate a continuation of PROMPT, or of each line of stdin, streaming the text.
 
     Defaults (max new tokens, temperature, repetition penalty) come from the model's
@@ -65,6 +73,11 @@ def generate(prompt, whole, input_path, output_path, field, batch_size, n, trunc
     if (input_path is None) != (output_path is None):
         raise click.UsageError("--input and --output go together")
     params = build_params(choice, n=n, **sampling)
+    if use_ray or replicas or gpus_per_actor is not None or ray_address:
+        from toolbox.ray.batch import from_cli
+
+        return from_cli(use_ray, choice, params, input_path, output_path, field, batch_size, prompt_format, truncate,
+                        replicas, gpus_per_actor, ray_address)
     job = None
     if input_path:
         from toolbox.commands.batch import BatchJob
@@ -104,7 +117,7 @@ class Runner:
     def __call__(self, text: str, where: str, index: int) -> None:
         params, out = self.params, stdout_bytes()
         ids = self.model.prompt_ids(text, params.max_new_tokens, self.template, self.truncate, where,
-                                     advice=CLI_ADVICE)
+                                     advice=CLI_ADVICE, max_field="--max-new-tokens")
         if not self.as_json and params.n == 1:  # stream the text as it comes
             for event in self.model.events([ids], params, self.nl):
                 if event.text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import click
@@ -16,7 +17,8 @@ from toolbox.textio import iter_line_batches, read_whole
 @click.argument("text", required=False)
 @click.option("--file", "file", type=click.File("rb"), help="Read the text from a file ('-' for stdin).")
 @click.option("--summary", is_flag=True, help="Only the totals: fallback rate and the most frequent fallback characters.")
-@click.option("--top", default=20, show_default=True, help="Fallback characters listed by --summary.")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Fallback characters listed by --summary.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--compare-hf", is_flag=True, help="Also encode with transformers' tokenizer and show where it disagrees.")
 @errors_option
@@ -36,11 +38,14 @@ def inspect_bytes(text, file, summary, top, as_json, compare_hf, errors, model, 
       toolbox inspect-bytes "寿司🍣ｱ"
       toolbox inspect-bytes --file novel.txt --summary
     """
+    if text is not None and file is not None:
+        raise click.UsageError("give TEXT or --file, not both")
     tok = load_tokenizer(model, revision)
     stream = file or stdin_bytes()
     source = getattr(file, "name", "stdin")
     if summary:
-        _print_summary(tok, stream, errors, source, top, as_json)
+        lines = io.BytesIO(text.encode("utf-8")) if text is not None else stream
+        _print_summary(tok, lines, errors, "argument" if text is not None else source, top, as_json)
         return
     if text is None:
         text = read_whole(stream, errors, source)

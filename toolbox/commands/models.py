@@ -68,8 +68,10 @@ def download(name, revision):
 
     Honours HF_HOME / HF_HUB_CACHE; later commands then work with HF_HUB_OFFLINE=1.
     """
+    if not name.strip():
+        raise click.BadParameter("a registry name or hub id (owner/name) is needed", param_hint="NAME")
     ref = parse_model(name, revision)
     if ref.repo_id is None:
         click.echo(f"{name} is local ({ref.local_dir}); nothing to download")
         return
-    click.echo(fetch(ref))
+    click.echo(fetch(ref, fetching=True))

@@ -45,7 +45,16 @@ def load_tokenizer(model: str | None, revision: str | None):
     """The sentencepiece tokenizer of the model named by --model."""
     from toolbox.tokenizer import Tokenizer
 
-    return Tokenizer(tokenizer_file(parse_model(model, revision)))
+    return Tokenizer(tokenizer_file(checked_ref(model, revision)))
+
+
+def checked_ref(model: str | None, revision: str | None):
+    """`parse_model`, refusing a hub revision for a local directory (it would be silently ignored)."""
+    ref = parse_model(model, revision)
+    if ref.local_dir is not None and revision is not None and ref.repo_id is None:
+        raise click.BadParameter(f"{model or ref.name} is a local directory; a hub revision does not apply",
+                                 param_hint="--revision")
+    return ref
 
 
 def stdin_bytes():
@@ -79,10 +88,7 @@ class ModelChoice:
         """The checks that need no loading: the model name, the backend and its options."""
         from toolbox.backends import pick
 
-        ref = parse_model(self.model, self.revision)
-        if ref.local_dir is not None and self.revision is not None:
-            raise click.BadParameter(f"{self.model} is a local directory; a hub revision does not apply",
-                                     param_hint="--revision")
+        checked_ref(self.model, self.revision)
         pick(self.backend).check_options(self.options)
 
     @property

@@ -14,6 +14,23 @@ from toolbox.commands.options import model_load_options
 from toolbox.errors import ToolboxError
 
 
+def _check_port(host: str, port: int) -> None:
+    """A one-line error now for an address that cannot be bound (in use, not ours), not uvicorn's later."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ToolboxError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise ToolboxError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -47,9 +64,15 @@ def _loopback(host: str) -> bool:
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True, help="Server log level.")
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every request.")
+@click.option("--ray", "use_ray", is_flag=True, help="Serve on Ray Serve: replicas of this server, one model each "
+              "(docs/scale.md).")
+@click.option("--replicas", type=click.IntRange(min=1), default=None, help="With --ray: replicas [default: 1].")
+@click.option("--autoscale", default=None, metavar="MIN:MAX", help="With --ray: let Ray Serve scale the replicas.")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --ray: the cluster (host:port, ray://host:port, auto) [default: $RAY_ADDRESS, else a local one].")
 @model_load_options
 def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout, root_path, model_process,
-          engine_nice, log_level, access_log, choice):
+          engine_nice, log_level, access_log, use_ray, replicas, autoscale, ray_address, choice):
     """Serve the model over HTTP: Azure ML /score, OpenAI /v1/completions and /v1/chat/completions.
 
     Also /v1/models, /tokenize, /detokenize, /health (503 until the model is loaded)
@@ -65,6 +88,14 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
       curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"prompt": "吾輩は猫である。", "max_tokens": 32}'
     """
+    if use_ray or replicas or autoscale or ray_address:
+        from toolbox.ray.serve import from_cli
+
+        return from_cli(use_ray, choice, host=host, port=port, replicas=replicas, autoscale=autoscale,
+                        address=ray_address, api_key=api_key, served_model_name=served_model_name,
+                        max_batch_size=max_batch_size, max_queue=max_queue, shutdown_timeout=shutdown_timeout,
+                        root_path=root_path, model_process=model_process, engine_nice=engine_nice,
+                        log_level=log_level, access_log=access_log)
     choice.check()  # an unknown model, backend or option fails here, before the port opens
     if not _loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
@@ -83,9 +114,18 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
                         model_process=model_process)
     app = create_app(None, settings)
     state = app.state.server
+    _check_port(host, port)
+    # uvicorn's own grace period outlasts the engine's drain (ServerState.begin_shutdown), so that
+    # requests still running at the deadline end with an error response, not a cut connection
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                            root_path=root_path, lifespan="on", timeout_graceful_shutdown=shutdown_timeout)
-    server = uvicorn.Server(config)
+                            root_path=root_path, lifespan="on", timeout_graceful_shutdown=shutdown_timeout + 5)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            state.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    server = Server(config)
     failure: list[BaseException] = []
 
     def load_model():

@@ -61,7 +61,7 @@ from toolbox.backend import TokenEvent
 from toolbox.batching import SequenceRequest
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, apply_repetition_penalty, draw, top_p_filter
+from .sampling import SamplingParams, apply_repetition_penalty, draw, finite_scores, top_p_filter
 
 
 @dataclass(eq=False)
@@ -75,6 +75,7 @@ class _Row:
     last: int = -1  # the last emitted token (the next decode input)
     generator: torch.Generator | None = None  # a seeded request's own generator
     done: bool = False
+    error: Exception | None = None  # this request failed (see `ContinuousBatcher.take_refused`)
 
 
 class ContinuousBatcher:
@@ -83,7 +84,8 @@ class ContinuousBatcher:
     #: the most padded tokens prefilled in one forward (bounds the prefill's activations)
     PREFILL_TOKENS = 4096
 
-    def __init__(self, module: GPTNeoX, eos_token_ids: Sequence[int], capacity: int, max_seq_len: int | None = None):
+    def __init__(self, module: GPTNeoX, eos_token_ids: Sequence[int], capacity: int, max_seq_len: int | None = None,
+                 sampled_vocab: int | None = None):
         ctx = module.config.max_position_embeddings
         max_seq_len = ctx if max_seq_len is None else max_seq_len
         if capacity < 1:
@@ -97,6 +99,11 @@ class ContinuousBatcher:
         self._eos_cols = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
         if self.eos:
             self._eos_cols[sorted(self.eos)] = True
+        # ids the tokenizer does not have (a padded vocabulary) are never sampled
+        self._outside = None
+        if sampled_vocab is not None and sampled_vocab < self.vocab:
+            self._outside = torch.arange(self.vocab, device=dev) >= sampled_vocab
+        self._failed: list[tuple[int, Exception]] = []
         self._waiting: deque[SequenceRequest] = deque()
         self._rows: list[_Row] = []
         self._decode_owed = False  # the last step admitted: the next one decodes
@@ -144,21 +151,32 @@ class ContinuousBatcher:
         return len(self._rows)
 
     def step(self) -> list[TokenEvent]:
-        """Admit waiting requests (their first tokens), or advance the running ones by one token."""
+        """Admit waiting requests (their first tokens), or advance the running ones by one token.
+
+        A row whose work fails is isolated: the rows are retried in halves until the failing
+        ones are found; those end (reported by `take_refused`), the others go on.
+        """
         events: list[TokenEvent] = []
         with torch.inference_mode():
             groups = [] if self._decode_owed else self._admit()
             for lo, hi in groups:
-                events += self._pick(self._prefill(lo, hi), lo, hi)
+                events += self._isolated(self._prefill, lo, hi)
             n = len(self._rows) if not groups else 0
             if n:
-                events += self._pick(self._decode(n), 0, n)
+                events += self._isolated(self._decode, 0, n)
             done = [i for i, row in enumerate(self._rows) if row.done]
             if done:
+                self._failed += [(self._rows[i].request.id, self._rows[i].error) for i in done
+                                 if self._rows[i].error is not None]
                 self._remove(done)
             # an admit step is followed by a decode step of every row, the new ones included
             self._decode_owed = bool(groups and self._rows)
         return events
+
+    def take_refused(self) -> list[tuple[int, Exception]]:
+        """(request id, error) of the requests that failed since the last call (their rows are gone)."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def reserve(self, rows: int | None = None, slots: int | None = None) -> None:
         """Allocate the cache for ``rows`` rows of ``slots`` slots now (default: all of it)."""
@@ -223,12 +241,26 @@ class ContinuousBatcher:
             seen[:n].copy_(self._seen[:n])
         self._cache, self._seen, self._alloc = cache, seen, (R2, S2)
 
-    def _prefill(self, lo: int, hi: int) -> Tensor:
+    def _isolated(self, work, lo: int, hi: int) -> list[TokenEvent]:
+        """`_pick(*work(lo, hi))` for rows lo..hi-1; on an error, the same in halves, down to
+        single rows, and a row that fails alone is marked failed. `work` changes no state
+        (writing a row's own cache slots again gives the same values), so retrying is safe."""
+        try:
+            return self._pick(*work(lo, hi), lo, hi)
+        except Exception as exc:  # noqa: BLE001 - isolated to the rows that cause it
+            if hi - lo == 1:
+                row = self._rows[lo]
+                row.done, row.error = True, RuntimeError(f"{type(exc).__name__}: {exc}")
+                return []
+            mid = (lo + hi) // 2
+            return self._isolated(work, lo, mid) + self._isolated(work, mid, hi)
+
+    def _prefill(self, lo: int, hi: int) -> tuple[Tensor, list[int]]:
         """Prefill the prompts of rows lo..hi-1 (right-padded) into slots 0.. of their rows.
 
         The pad tokens of a shorter prompt write keys and values past its end; causality
         hides them, and the row's decode steps overwrite them before it could see them.
-        Returns each row's next-token logits ``[hi-lo, V]``.
+        Returns each row's next-token logits ``[hi-lo, V]`` and the rows' lengths after it.
         """
         rows, dev = self._rows[lo:hi], self.module.device
         lengths = [len(r.request.prompt) for r in rows]
@@ -243,41 +275,55 @@ class ContinuousBatcher:
         seen = self._seen[lo:hi]
         seen.zero_()
         seen.scatter_(1, ids, True)
-        for r, L in zip(rows, lengths):
-            r.length = L
-        return logits
+        return logits, lengths
 
-    def _decode(self, n: int) -> Tensor:
-        """One token for rows 0..n-1 (each fed its last token at its own slot); logits [n,V]."""
-        rows, dev = self._rows[:n], self.module.device
+    def _decode(self, lo: int, hi: int) -> tuple[Tensor, list[int]]:
+        """One token for rows lo..hi-1 (each fed its last token at its own slot): logits [hi-lo,V]
+        and the rows' lengths after it."""
+        rows, dev = self._rows[lo:hi], self.module.device
         ids = torch.tensor([[r.last] for r in rows], device=dev)
         pos = torch.tensor([[r.length] for r in rows], device=dev)
         kv_len = max(r.length for r in rows) + 1
-        view = [(k[:n], v[:n]) for k, v in self._cache]
+        view = [(k[lo:hi], v[lo:hi]) for k, v in self._cache]
         logits = self.module(ids, pos, pos, None, kv_len=kv_len, cache=view)[:, -1]
-        for r in rows:
-            r.length += 1
-        return logits
+        return logits, [r.length + 1 for r in rows]
 
-    def _pick(self, logits: Tensor, lo: int, hi: int) -> list[TokenEvent]:
-        """Sample one token for each of rows lo..hi-1 from ``logits [hi-lo, V]``; emit events."""
+    def _pick(self, logits: Tensor, lengths: list[int], lo: int, hi: int) -> list[TokenEvent]:
+        """Sample one token for each of rows lo..hi-1 from ``logits [hi-lo, V]``; emit events.
+
+        A row whose logits hold nothing finite (NaN weights, an overflow) fails on its own.
+        """
         rows = self._rows[lo:hi]
-        tok, lp = self._sample(logits, rows, self._seen[lo:hi])
+        tok, lp, logprobs = self._sample(logits, rows, self._seen[lo:hi])
+        k = max(r.request.params.top_logprobs for r in rows)
+        parts = [tok.double(), lp.double(), logits.isfinite().any(-1).double()]
+        if k:
+            top_lp, top_id = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
+            parts += [*top_id.T.double(), *top_lp.T.double()]
+            k = top_id.shape[-1]
+        host = torch.stack(parts).tolist()
         self._seen[torch.arange(lo, hi, device=tok.device), tok] = True
-        host_tok, host_lp = torch.stack([tok.double(), lp.double()]).tolist()
         events = []
-        for row, t, l in zip(rows, host_tok, host_lp):
-            t = int(t)
+        for j, (row, length) in enumerate(zip(rows, lengths)):
+            if not host[2][j]:
+                row.done, row.error = True, RuntimeError(
+                    "the model produced no finite logits (its weights hold NaN or infinite values, or overflow "
+                    "in this dtype)")
+                continue
+            t = int(host[0][j])
+            row.length = length
             row.produced += 1
             row.last = t
             full = row.produced >= row.request.params.max_new_tokens
             reason = "stop" if t in self.eos else "length" if full else None
             row.done = reason is not None
-            events.append(TokenEvent(row.request.id, t, l, reason))
+            want = row.request.params.top_logprobs
+            top = tuple((int(host[3 + i][j]), host[3 + k + i][j]) for i in range(min(want, k))) if want else None
+            events.append(TokenEvent(row.request.id, t, host[1][j], reason, top))
         return events
 
-    def _sample(self, logits: Tensor, rows: list[_Row], seen: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-row `sampling.sample`: tokens [n] and raw-logit logprobs [n]."""
+    def _sample(self, logits: Tensor, rows: list[_Row], seen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row `sampling.sample`: tokens [n], their raw-logit logprobs [n] and all of those [n, V]."""
         dev, V = logits.device, logits.shape[-1]
         logits = logits.float()
         params = [r.sampling for r in rows]
@@ -292,7 +338,11 @@ class ContinuousBatcher:
             banned = None
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = (scores if banned is None else scores.masked_fill(banned, float("-inf"))).argmax(-1)
+            if banned is not None:
+                scores = scores.masked_fill(banned, float("-inf"))
+            if self._outside is not None:
+                scores = scores.masked_fill(self._outside, float("-inf"))
+            tokens = finite_scores(scores).argmax(-1)
         else:
             s = scores
             temps = [1.0 if p.greedy else p.temperature for p in params]
@@ -309,7 +359,9 @@ class ContinuousBatcher:
                 s = top_p_filter(s, torch.tensor(ps, device=dev)[:, None])
             if banned is not None:
                 s = s.masked_fill(banned, float("-inf"))
-            probs = s.softmax(-1)
+            if self._outside is not None:
+                s = s.masked_fill(self._outside, float("-inf"))
+            probs = finite_scores(s).softmax(-1)
             uniforms = torch.zeros(len(rows), 1, device=dev)  # greedy rows: unused
             if any(not p.greedy and r.generator is None for p, r in zip(params, rows)):
                 uniforms.uniform_(generator=self._shared_gen)
@@ -317,10 +369,10 @@ class ContinuousBatcher:
                 if r.generator is not None:
                     uniforms[j] = torch.rand(1, generator=r.generator, device=dev)
             tokens = draw(probs, uniforms)
-            if any(greedy):  # on greedy rows s is the penalised logits (+ ban): no temperature or filters
-                tokens = torch.where(torch.tensor(greedy, device=dev), s.argmax(-1), tokens)
-        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
-        return tokens, logprobs
+            if any(greedy):  # on greedy rows s is the penalised logits (+ bans): no temperature or filters
+                tokens = torch.where(torch.tensor(greedy, device=dev), finite_scores(s).argmax(-1), tokens)
+        logprobs = logits.log_softmax(-1)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), logprobs
 
     def _remove(self, indices: list[int]) -> None:
         """Free rows ``indices``, keeping the rest compacted (the last row moves into a hole)."""

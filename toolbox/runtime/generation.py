@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from toolbox.errors import ToolboxError
+
 from .model import GPTNeoX
 from .sampling import SamplingParams, sample
 
@@ -27,6 +29,7 @@ class Token:
     token_id: int
     logprob: float  # log-softmax of the raw model logits at this token
     finish_reason: str | None  # 'stop' (an EOS id, included here), 'length', or None
+    top: tuple[tuple[int, float], ...] | None = None  # with top_logprobs: the most likely (id, logprob)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,8 @@ class Generation:
     new token over a static cache of ``max prompt length + max_new_tokens`` slots.
     ``n`` samples per prompt expand the batch. EOS ids are banned until
     ``min_new_tokens`` tokens exist; a sequence ends with 'stop' on an EOS id (the EOS
-    token is reported) or 'length' after ``max_new_tokens``. Errors (context overflow,
+    token is reported) or 'length' after ``max_new_tokens``. Ids from ``sampled_vocab`` on
+    are never sampled (a vocabulary padded past the tokenizer's). Errors (context overflow,
     empty prompt) are raised here, before any work.
     """
 
@@ -65,6 +69,8 @@ class Generation:
         n: int = 1,
         decode_fn: DecodeFn | None = None,
         lookahead: bool | None = None,
+        sampled_vocab: int | None = None,
+        top_logprobs: int = 0,
     ):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -85,6 +91,9 @@ class Generation:
         self.sampling, self.eos = sampling, set(eos_token_ids)
         self.decode_fn = decode_fn or (lambda ids, pos, slot, mask, kv_len: model(ids, pos, slot, mask, kv_len=kv_len))
         self.lookahead = model.device.type == "cuda" if lookahead is None else lookahead
+        # ids from `sampled_vocab` on are never chosen (the tokenizer has fewer ids than the model's vocabulary)
+        self.sampled_vocab = sampled_vocab if sampled_vocab is not None and sampled_vocab < vocab else None
+        self.top = min(max(top_logprobs, 0), vocab)
         self._cancelled: set[int] = set()
         self._started = False
 
@@ -122,22 +131,31 @@ class Generation:
                 r_idx = [i for i, r in enumerate(rows) for _ in r]
                 seen[r_idx, [t for r in rows for t in r]] = True
             banned = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev) if self.eos else None
+            outside = None
+            if self.sampled_vocab is not None:
+                outside = torch.arange(m.config.vocab_size, device=dev) >= self.sampled_vocab
             gen = torch.Generator(device=dev)
             if params.seed is None:
                 gen.seed()
             else:
                 gen.manual_seed(params.seed)
             logits = m(ids, input_pos, torch.arange(L, device=dev), key_mask, kv_len=L, last_only=True)[:, -1]
+            if not bool(logits.isfinite().any(-1).all()):
+                raise ToolboxError("the model produced no finite logits: its weights hold NaN or infinite values, "
+                                   "or overflow in this dtype (try float32)")
             pos0 = torch.tensor([len(r) for r in rows], device=dev)[:, None]
             slots = torch.arange(L, L + self.max_new_tokens, device=dev)  # decode slots, never uploaded per step
             pinned = dev.type == "cuda"
             if pinned:  # two host buffers: step t+1's copy lands while step t's is read
-                bufs = [torch.empty(2, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
+                bufs = [torch.empty(2 + 2 * self.top, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
 
         def launch(step: int, logits: Tensor):
             """Sample at ``step`` and start copying (token, logprob) to the host, without waiting."""
-            tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None)
+            tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None, outside)
             both = torch.stack([tok.double(), lp.double()])
+            if self.top:
+                top_lp, top_id = logits.float().log_softmax(-1).topk(self.top, dim=-1)
+                both = torch.cat([both, top_id.T.double(), top_lp.T.double()])
             if not pinned:
                 return tok, both, None
             host = bufs[step % 2]
@@ -165,7 +183,9 @@ class Generation:
                     nxt = launch(step + 1, advance(step, cur[0]))
             if cur[2] is not None:
                 cur[2].synchronize()
-            host_tok, host_lp = cur[1].tolist()
+            host = cur[1].tolist()
+            host_tok, host_lp = host[0], host[1]
+            k = self.top
             out = []
             for i in range(B):
                 if not running[i] or i in self._cancelled:
@@ -174,7 +194,8 @@ class Generation:
                 t = int(host_tok[i])
                 reason = "stop" if t in self.eos else "length" if last else None
                 running[i] = reason is None
-                out.append(Token(i, t, host_lp[i], reason))
+                top = tuple((int(host[2 + j][i]), host[2 + k + j][i]) for j in range(k)) if k else None
+                out.append(Token(i, t, host_lp[i], reason, top))
             if not out:
                 return
             yield Step(step, out)
@@ -197,6 +218,8 @@ class SequenceScores:
 
     logprobs: Tensor
     ranks: Tensor
+    top_ids: Tensor | None = None  # [targets, k] int64: the k most likely tokens at each target (with `top`)
+    top_logprobs: Tensor | None = None  # [targets, k] fp32: their log-probabilities
 
 
 def score(
@@ -204,6 +227,7 @@ def score(
     token_ids: Sequence[Sequence[int]],
     max_batch_tokens: int = 4096,
     first: Sequence[int] | None = None,
+    top: int = 0,
 ) -> list[SequenceScores]:
     """Per-token log-probabilities and ranks of whole sequences.
 
@@ -214,6 +238,7 @@ def score(
     ``max_batch_tokens`` padded positions (a longer single sequence goes alone); equal
     lengths share a batch with no mask, which lets attention use its fastest kernels.
     Ranks are computed on the device from the same fp32 logits as the log-probabilities.
+    ``top``: also the ``top`` most likely tokens at each target and their log-probabilities.
     """
     ctx = model.config.max_position_embeddings
     vocab = model.config.vocab_size
@@ -239,7 +264,10 @@ def score(
     if cur:
         batches.append(cur)
     out: list[SequenceScores | None] = [None] * len(seqs)
-    empty = SequenceScores(torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
+    k = min(max(top, 0), vocab)
+    empty = SequenceScores(torch.zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.int64),
+                           torch.zeros(0, k, dtype=torch.int64) if k else None,
+                           torch.zeros(0, k, dtype=torch.float32) if k else None)
     dev = model.device
     with torch.inference_mode():
         for chunk in batches:
@@ -259,10 +287,13 @@ def score(
             rows = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
             pos = torch.cat([torch.arange(firsts[i] - 1, firsts[i] - 1 + n) for i, n in zip(chunk, counts)])
             rows, pos = rows.to(dev), pos.to(dev)
-            lp, rk = _token_scores(model.embed_out, hidden[rows, pos - lo], ids[rows, pos + 1], vocab)
+            lp, rk, tid, tlp = _token_scores(model.embed_out, hidden[rows, pos - lo], ids[rows, pos + 1], vocab, k)
             lp, rk = lp.cpu(), rk.cpu()
-            for i, piece_lp, piece_rk in zip(chunk, lp.split(counts), rk.split(counts)):
-                out[i] = SequenceScores(piece_lp, piece_rk)
+            parts = zip(lp.split(counts), rk.split(counts),
+                        tid.cpu().split(counts) if k else [None] * len(chunk),
+                        tlp.cpu().split(counts) if k else [None] * len(chunk))
+            for i, (piece_lp, piece_rk, piece_tid, piece_tlp) in zip(chunk, parts):
+                out[i] = SequenceScores(piece_lp, piece_rk, piece_tid, piece_tlp)
     return out
 
 
@@ -272,8 +303,9 @@ def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> 
     return model.forward_full(ids, mask, hidden=True)[:, lo : ids.shape[1] - 1]
 
 
-def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
-    """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``.
+def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0):
+    """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``, and with ``top``
+    the ``top`` most likely tokens ``[N, top]`` with their log-probabilities (else None, None).
 
     The logits are made in row chunks: on the CPU 16 MiB of fp32 at a time, so that
     log-softmax and the rank count read them while they are still in cache (several
@@ -282,10 +314,17 @@ def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int) -> tuple[Te
     """
     n = hidden.shape[0]
     step = max(1, (1 << 26 if hidden.is_cuda else 1 << 22) // vocab)
-    lps, ranks = [], []
+    lps, ranks, top_ids, top_lps = [], [], [], []
     for c in range(0, n, step):
         logits = head(hidden[c : c + step]).float()
         t = targets[c : c + step, None]
-        lps.append(logits.log_softmax(-1).gather(1, t).squeeze(1))
+        logprobs = logits.log_softmax(-1)
+        lps.append(logprobs.gather(1, t).squeeze(1))
         ranks.append((logits > logits.gather(1, t)).sum(-1, dtype=torch.int32) + 1)
-    return torch.cat(lps), torch.cat(ranks).long()
+        if top:
+            values, indices = logprobs.topk(top, dim=-1)
+            top_ids.append(indices)
+            top_lps.append(values)
+    if not top:
+        return torch.cat(lps), torch.cat(ranks).long(), None, None
+    return torch.cat(lps), torch.cat(ranks).long(), torch.cat(top_ids), torch.cat(top_lps)

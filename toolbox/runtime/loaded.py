@@ -36,11 +36,23 @@ def torch_dtype(name: str, allowed: tuple[str, ...]) -> torch.dtype:
 
 
 def load_module(checkpoint: Path, device: str, dtype: torch.dtype) -> GPTNeoX:
-    """Load the checkpoint's weights into the runtime module, with a one-line error on bad files."""
+    """Load the checkpoint's weights into the runtime module, with a one-line error on bad files
+    (a corrupt or truncated safetensors header, a garbage .bin, shapes that disagree with config.json)."""
     try:
         return GPTNeoX.from_pretrained(checkpoint, device=device, dtype=dtype)
-    except (ValueError, KeyError, OSError) as exc:
-        raise ToolboxError(f"cannot load {checkpoint}: {exc}") from None
+    except ToolboxError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors, pickle and torch each raise their own kinds
+        raise ToolboxError(f"cannot load {checkpoint}: {weight_error(exc)}") from None
+
+
+def weight_error(exc: Exception) -> str:
+    """One line saying what was wrong with a weight file."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    kind = type(exc).__name__
+    if kind not in ("ValueError", "KeyError", "FileNotFoundError", "OSError") and not text.startswith(kind):
+        text = f"{kind}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class _Stream:
@@ -51,7 +63,7 @@ class _Stream:
 
     def __iter__(self):
         for step in self._generation:
-            yield [TokenEvent(t.seq, t.token_id, t.logprob, t.finish_reason) for t in step.tokens]
+            yield [TokenEvent(t.seq, t.token_id, t.logprob, t.finish_reason, t.top) for t in step.tokens]
 
     def cancel(self, seq: int) -> None:
         self._generation.cancel(seq)
@@ -70,6 +82,12 @@ class RuntimeModel(LoadedModel):
         if "eos" in tokenizer.special_ids:
             eos.add(tokenizer.special_ids["eos"])
         self.eos_token_ids = tuple(sorted(eos))
+        vocab = module.config.vocab_size
+        if tokenizer.vocab_size > vocab:
+            raise ToolboxError(f"{tokenizer.path}: the tokenizer has {tokenizer.vocab_size} ids but the model's "
+                               f"vocabulary only {vocab} (config.json vocab_size): they do not belong together")
+        # a vocabulary padded past the tokenizer's (to a multiple of 64, ...): those ids are never sampled
+        self.sampled_vocab = tokenizer.vocab_size if tokenizer.vocab_size < vocab else None
 
     def generate_tokens(self, prompts, params: GenerationParams):
         try:
@@ -89,6 +107,8 @@ class RuntimeModel(LoadedModel):
                 eos_token_ids=self.eos_token_ids,
                 n=params.n,
                 decode_fn=self._decode_fn,
+                sampled_vocab=self.sampled_vocab,
+                top_logprobs=params.top_logprobs,
             )
         except ValueError as exc:
             raise ToolboxError(str(exc)) from None
@@ -99,17 +119,26 @@ class RuntimeModel(LoadedModel):
 
     def score_from(self, sequences, first):
         """Scores of tokens first[i]..len-1; the output layer runs for those positions only."""
+        return self.score_top(sequences, first, 0)
+
+    def score_top(self, sequences, first, k):
         try:
-            found = score(self.module, sequences, first=first)
+            found = score(self.module, sequences, first=first, top=k)
         except ValueError as exc:
             raise ToolboxError(str(exc)) from None
-        return [TokenScores(s.logprobs.tolist(), s.ranks.tolist()) for s in found]
+        out = []
+        for s in found:
+            top = None
+            if k:
+                top = [list(zip(ids, lps)) for ids, lps in zip(s.top_ids.tolist(), s.top_logprobs.tolist())]
+            out.append(TokenScores(s.logprobs.tolist(), s.ranks.tolist(), top))
+        return out
 
     def batcher(self, capacity: int):
         """Continuous batching: a request joins the running batch at the next step."""
         from toolbox.runtime.batcher import ContinuousBatcher
 
-        return ContinuousBatcher(self.module, self.eos_token_ids, capacity)
+        return ContinuousBatcher(self.module, self.eos_token_ids, capacity, sampled_vocab=self.sampled_vocab)
 
     def describe(self) -> dict:
         params = sum(p.numel() for p in self.module.parameters())

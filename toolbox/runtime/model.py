@@ -188,7 +188,7 @@ class GPTNeoX(nn.Module):
         device = torch.device(device)
         with torch.device("meta"):
             model = cls(config)
-        expected = {name for name, _ in model.named_parameters()}
+        expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
         state = load_state_dict(model_dir, expected, device, dtype, tied=config.tie_word_embeddings)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:

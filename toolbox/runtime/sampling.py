@@ -90,20 +90,26 @@ def sample(
     generator: torch.Generator | None = None,
     seen_mask: Tensor | None = None,
     banned: Tensor | None = None,
+    outside: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pick one token per row from ``logits [B,V]``; returns ``(tokens [B], logprobs [B])``.
 
     ``seen_mask [B,V]`` marks tokens for the repetition penalty; ``banned [K]`` holds token
-    ids that must not be chosen (e.g. EOS before min_new_tokens). A sampled row takes one
-    uniform draw from ``generator`` (see `draw`).
+    ids that must not be chosen (e.g. EOS before min_new_tokens); ``outside [V]`` (bool)
+    marks ids that are never chosen (a vocabulary padded past the tokenizer's). A sampled
+    row takes one uniform draw from ``generator`` (see `draw`).
 
     The reported logprob is ``log_softmax`` of the *raw* logits (before penalty,
-    temperature and filtering) at the chosen token: the model's own belief.
+    temperature and filtering) at the chosen token: the model's own belief. Rows whose
+    scores are not finite (inf or NaN logits) still give a real token (`finite_scores`).
     """
     logits = logits.float()
     scores = process_logits(logits, params, seen_mask)
     if banned is not None:
         scores = scores.index_fill(-1, banned, float("-inf"))
+    if outside is not None:
+        scores = scores.masked_fill(outside, float("-inf"))
+    scores = finite_scores(scores)
     if params.greedy:
         tokens = scores.argmax(dim=-1)
     else:
@@ -111,6 +117,17 @@ def sample(
         tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
     logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
+
+
+def finite_scores(scores: Tensor) -> Tensor:
+    """Scores every row of which can be sampled: NaN counts as excluded (-inf); a row holding
+    +inf keeps only its +inf entries (as equals); a row with nothing left falls back to a
+    uniform choice over the vocabulary rather than NaN probabilities. No host sync."""
+    neg = torch.tensor(float("-inf"), device=scores.device)
+    scores = torch.where(scores.isnan(), neg, scores)
+    top = torch.isposinf(scores)
+    scores = torch.where(top.any(-1, keepdim=True), torch.where(top, 0.0, neg), scores)
+    return torch.where(torch.isneginf(scores).all(-1, keepdim=True), torch.zeros_like(scores), scores)
 
 
 def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
@@ -124,4 +141,5 @@ def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
     total = cdf[:, -1:]
     # strictly below the total, so that some entry of the CDF always lies above the target
     target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1)
+    # the clamp keeps a row whose probabilities are not finite on a real token id
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)

@@ -73,12 +73,14 @@ def iter_tensors(files: list[Path], device: torch.device) -> Iterator[tuple[str,
 
 
 def load_state_dict(
-    model_dir: str | Path, expected: set[str], device: torch.device, dtype: torch.dtype, tied: bool = False
+    model_dir: str | Path, expected: dict[str, tuple[int, ...]] | set[str], device: torch.device, dtype: torch.dtype,
+    tied: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Read every tensor of the checkpoint, renamed, cast to ``dtype`` on ``device``.
 
-    ``expected`` is the set of our parameter names; missing or unexpected tensors raise
-    ValueError. With ``tied`` the output embedding is not read (it shares ``embed_in``).
+    ``expected`` maps our parameter names to the shapes config.json implies; missing or
+    unexpected tensors, or a tensor of another shape, raise ValueError. With ``tied`` the
+    output embedding is not read (it shares ``embed_in``).
     """
     device = torch.device(device)
     files = find_weight_files(model_dir)
@@ -89,6 +91,9 @@ def load_state_dict(
             continue
         if ours not in expected:
             raise ValueError(f"{model_dir}: unexpected tensor {name!r} in the checkpoint")
+        if isinstance(expected, dict) and tuple(t.shape) != tuple(expected[ours]):
+            raise ValueError(f"{model_dir}: tensor {name!r} has shape {tuple(t.shape)}, but config.json implies "
+                             f"{tuple(expected[ours])}")
         if t.is_floating_point():
             t = t.to(device=device, dtype=dtype)
         out[ours] = t

@@ -124,7 +124,8 @@ class _Gate:
     disconnects pass through untouched.
     """
 
-    KNOWN = {"/health", "/metrics", "/score", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
+    KNOWN = {"/health", "/metrics", "/score", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models",
+             "/v1/completions",
              "/v1/chat/completions", "/openapi.json", "/docs"}
 
     def __init__(self, app, state: ServerState):
@@ -141,11 +142,13 @@ class _Gate:
             path = path[len(root):] or "/"
         endpoint = path if path in self.KNOWN else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         started = time.perf_counter()
-        status = [0]
+        status, complete = [0], [False]
 
         async def send_wrapper(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                complete[0] = True
             await send(message)
 
         try:
@@ -160,7 +163,8 @@ class _Gate:
             raise
         finally:
             m = self.server.metrics
-            m.requests.labels(endpoint, scope["method"], str(status[0] or 499)).inc()
+            # a response the client did not wait for to the end (a stream it left) counts as 499
+            m.requests.labels(endpoint, scope["method"], str(status[0] if complete[0] else 499)).inc()
             m.request_latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _authorized(self, scope) -> bool:

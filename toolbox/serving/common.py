@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 from fastapi import Request
 
@@ -21,8 +22,14 @@ def state_of(request: Request):
     return request.app.state.server
 
 
+#: JSON nested deeper than this is refused (no request needs it; Python's parser would recurse)
+MAX_DEPTH = 64
+#: bodies larger than this are parsed off the event loop, so other requests and streams go on
+OFFLOAD_BYTES = 64 << 10
+
+
 async def read_json(request: Request, limit: int):
-    """The request body as JSON: bounded size, strict UTF-8, no NaN/Infinity, no lone surrogates."""
+    """The request body as JSON: bounded size and depth, strict UTF-8, no NaN/Infinity, no lone surrogates."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -32,16 +39,25 @@ async def read_json(request: Request, limit: int):
     raw = b"".join(chunks)
     if not raw.strip():
         raise APIError(400, "body: a JSON object is required", param="body", code="missing_body")
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
+def parse_json(raw: bytes):
+    """`read_json`'s checks on a whole body."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise APIError(400, f"body: invalid UTF-8 at byte {exc.start}", param="body", code="invalid_utf8") from None
+    if _depth(text) > MAX_DEPTH:
+        raise APIError(400, f"body: JSON nested deeper than {MAX_DEPTH} levels", param="body", code="invalid_json")
     try:
         data = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise APIError(400, f"body: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
                        param="body", code="invalid_json") from None
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise APIError(400, f"body: {exc}", param="body", code="invalid_json") from None
     bad = _surrogate_path(data, ())
     if bad is not None:
@@ -49,6 +65,33 @@ async def read_json(request: Request, limit: int):
         raise APIError(400, f"{param}: the string is not valid Unicode (a lone surrogate escape)",
                        param=param, code="invalid_utf8")
     return data
+
+
+_BRACKETS = re.compile(r'[\[\]{}"\\]')
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of arrays and objects in JSON text (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string, escaped_at = False, -1
+    for m in _BRACKETS.finditer(text):
+        c = m.group()
+        if in_string:
+            if m.start() == escaped_at:  # the character after a backslash
+                continue
+            if c == "\\":
+                escaped_at = m.end()
+            elif c == '"':
+                in_string = False
+            continue
+        if c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    return deepest
 
 
 def _no_constant(name: str):
@@ -137,7 +180,7 @@ async def collect(sub, request: Request) -> list[Sample]:
     async def consume():
         async for batch in sub.batches():
             for out in batch:
-                results[out.index].add(out.token_id, out.logprob, out.text, out.finish_reason)
+                results[out.index].add(out.token_id, out.logprob, out.text, out.finish_reason, out.top)
 
     consumer = asyncio.ensure_future(consume())
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -198,6 +241,23 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 def stream_error(exc: BaseException) -> str:
     return sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": "generation_failed"}})
+
+
+#: prompts with more characters than this in all are tokenized off the event loop
+OFFLOAD_CHARS = 4096
+
+
+async def offload(fn, *args, size: int, **kwargs):
+    """`fn(*args, **kwargs)`, on a worker thread when `size` (characters to process) is large, so
+    that a big request does not hold up health checks and other clients' streams."""
+    if size > OFFLOAD_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+def top_entries(tokenizer, top) -> dict[str, float]:
+    """OpenAI's legacy `top_logprobs` entry: token text -> logprob, most likely first."""
+    return {token_string(tokenizer, t): lp for t, lp in top}
 
 
 def encode(tokenizer, text: str) -> list[int]:

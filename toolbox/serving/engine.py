@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 import os
 import sys
 import threading
@@ -70,6 +71,7 @@ class Output:
     logprob: float
     text: str
     finish_reason: str | None  # "stop" (EOS or a stop string), "length", or None
+    top: tuple[tuple[int, float], ...] | None = None  # the most likely tokens, when the request asked
 
 
 class Submission:
@@ -83,12 +85,21 @@ class Submission:
         self.created = time.perf_counter()
         self.first_token_at: float | None = None
         self.sequences: list[_Sequence] = []
+        # outputs handed over (engine thread) and taken (event loop): each counter has one writer
+        self.delivered = 0
+        self.taken = 0
+        self.read_at = time.monotonic()  # when the reader last took something
+
+    def _took(self, count: int) -> None:
+        self.taken += count
+        self.read_at = time.monotonic()
 
     async def outputs(self):
         """Yield `Output`s until every sequence has finished; raises EngineFailure on a backend error."""
         remaining = self.count
         while remaining:
             item = await self.queue.get()
+            self._took(1)
             if isinstance(item, BaseException):
                 raise item
             if item.finish_reason is not None:
@@ -102,6 +113,7 @@ class Submission:
             items = [await self.queue.get()]
             while not self.queue.empty():
                 items.append(self.queue.get_nowait())
+            self._took(len(items))
             for item in items:
                 if isinstance(item, BaseException):
                     raise item
@@ -137,8 +149,9 @@ class Engine:
     thread; see the module docstring."""
 
     def __init__(self, model, max_batch_size: int, max_queue: int, metrics=None, batch_wait: float = 0.03,
-                 nice: int = 0):
+                 nice: int = 0, stall_timeout: float = 60.0):
         self.model = model
+        self.stall_timeout = stall_timeout
         self.nice = nice
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
@@ -158,7 +171,8 @@ class Engine:
         self._admitted = 0  # sequences and calls admitted and not yet done (guarded by _cv)
         self._accepting = True
         self._stopping = False
-        self._live: dict[int, _Sequence] = {}  # engine thread only
+        self._live: dict[int, _Sequence] = {}  # in the batcher (engine thread only)
+        self._backlog: dict[int, deque[_Sequence]] = {}  # admitted, not yet in the batcher, by submission
         self._thread = threading.Thread(target=self._run, name="toolbox-engine", daemon=True)
         self.failure: BaseException | None = None
         self._running = 0  # sequences in the batch after the last step (engine thread writes)
@@ -257,7 +271,8 @@ class Engine:
         while True:
             batcher = self._batcher
             with self._cv:
-                while not (self._intake or self._cancels or self._calls or self._stopping) and batcher.pending() == 0:
+                while (not (self._intake or self._cancels or self._calls or self._stopping or self._backlog)
+                       and batcher.pending() == 0):
                     self._cv.wait()
                 if self._stopping:  # drain() waited for the admitted work (or gave up on it)
                     self._fail_all(NotAccepting("the server stopped before this request finished"))
@@ -271,13 +286,8 @@ class Engine:
                 if self._live.pop(seq.id, None) is not None:
                     batcher.cancel(seq.id)
             for seq in intake:
-                if not seq.done:
-                    try:
-                        batcher.add(SequenceRequest(seq.id, seq.spec.prompt, batch_params(seq.spec.params)))
-                    except Exception as exc:  # noqa: BLE001 - the batcher refused it: fail this request only
-                        self._refuse(seq, exc)
-                        continue
-                    self._live[seq.id] = seq
+                self._backlog.setdefault(id(seq.sub), deque()).append(seq)
+            self._feed(batcher)
             for fn, fut, loop in calls:
                 self._run_call(fn, fut, loop)
             if batcher.pending() > 0:
@@ -285,16 +295,22 @@ class Engine:
                     events = batcher.step()
                 except Exception as exc:  # noqa: BLE001 - a backend fault fails the running requests, not the server
                     log.exception("generation step failed")
-                    self._fail_all(EngineFailure(f"generation failed: {type(exc).__name__}: {exc}"))
+                    running = list(self._live.values())
+                    self._live.clear()
+                    with self._cv:
+                        self._release(running)
+                    _fail_requests(running, EngineFailure(f"generation failed: {type(exc).__name__}: {exc}"))
                     self._batcher = self.model.batcher(self.max_batch_size)
                     continue
                 self._deliver(events)
-                for request_id, exc in getattr(batcher, "take_refused", list)():  # a batcher that defers `add`
+                # a batcher that defers `add`, or isolates a failing row, reports those requests here
+                for request_id, exc in getattr(batcher, "take_refused", list)():
                     seq = self._live.pop(request_id, None)
                     if seq is not None:
                         self._refuse(seq, exc)
                 if batcher.pending() == 0 and self._live:  # the batcher dropped sequences without finishing them
                     self._fail_lost()
+            self._cancel_stalled()
             running = batcher.running()
             if running:
                 self._peak = max(self._peak, self._admitted)
@@ -302,6 +318,49 @@ class Engine:
                 self._last_peak, self._ended_at, self._peak = self._peak, time.monotonic(), 0
             self._running = running
             self._update_gauges()
+
+    def _feed(self, batcher) -> None:
+        """Hand waiting sequences to the batcher as it has room, one per request in turn.
+
+        Admission is round-robin over requests, not first come first served: a request with
+        a large `n` (or many prompts) gets a share of the batch, not all of it, so the requests
+        behind it start as soon as any row frees up. Cancelled sequences are dropped here.
+        """
+        room = batcher.capacity - batcher.pending()
+        while room > 0 and self._backlog:
+            for key in list(self._backlog):
+                queue = self._backlog[key]
+                while queue and queue[0].done:
+                    queue.popleft()
+                if queue and room > 0:
+                    seq = queue.popleft()
+                    try:
+                        batcher.add(SequenceRequest(seq.id, seq.spec.prompt, batch_params(seq.spec.params)))
+                    except Exception as exc:  # noqa: BLE001 - the batcher refused it: fail this request only
+                        self._refuse(seq, exc)
+                    else:
+                        self._live[seq.id] = seq
+                        room -= 1
+                if not queue:
+                    del self._backlog[key]
+
+    def _cancel_stalled(self) -> None:
+        """Cancel the requests whose reader stopped reading (see `stall_timeout`)."""
+        if not self._live or self.stall_timeout <= 0:
+            return
+        now = time.monotonic()
+        subs = {id(seq.sub): seq.sub for seq in self._live.values()}.values()
+        for sub in subs:
+            if sub.delivered > sub.taken and now - sub.read_at > self.stall_timeout:
+                log.warning("cancelling a request whose client stopped reading for %ss", self.stall_timeout)
+                unfinished = [seq for seq in sub.sequences if not seq.done]
+                for seq in unfinished:
+                    if self._live.pop(seq.id, None) is not None:
+                        self._batcher.cancel(seq.id)
+                with self._cv:
+                    self._release(unfinished)
+                _call_soon(sub.loop, sub.queue.put_nowait, EngineFailure(
+                    f"cancelled: the client read nothing for {self.stall_timeout:g} s"))
 
     def _gather(self, batcher) -> None:
         """Before a new batch starts, wait briefly for the clients of the batch that just ended.
@@ -319,7 +378,7 @@ class Engine:
             return
         target = min(self._last_peak, self.max_batch_size)
         deadline = time.monotonic() + self.batch_wait
-        while len(self._intake) + batcher.pending() < target and not self._stopping:
+        while len(self._intake) + sum(map(len, self._backlog.values())) + batcher.pending() < target and not self._stopping:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -366,7 +425,8 @@ class Engine:
             if reason is not None:
                 finished.append(seq)
                 del self._live[seq.id]
-            out = Output(seq.index, event.token_id, event.logprob, text, reason)
+            out = Output(seq.index, event.token_id, event.logprob, text, reason, event.top)
+            seq.sub.delivered += 1
             batches.setdefault(seq.sub.loop, []).append((seq.sub.queue, out))
         if finished:
             with self._cv:
@@ -383,8 +443,8 @@ class Engine:
                 pass
 
     def _refuse(self, seq: _Sequence, exc: Exception) -> None:
-        log.error("the batcher refused a sequence: %s", exc)
-        self._fail_sequence(seq, EngineFailure(f"the backend refused the request: {exc}"))
+        log.error("a sequence failed (the others go on): %s", exc)
+        self._fail_sequence(seq, EngineFailure(f"generation failed for this request: {exc}"))
 
     def _fail_sequence(self, seq: _Sequence, exc: BaseException) -> None:
         """Fail one sequence's request (its other sequences are cancelled by the handler)."""
@@ -404,9 +464,11 @@ class Engine:
     def _fail_all(self, exc: BaseException) -> None:
         """Fail every admitted sequence and pending call (the thread is stopping or the batcher broke)."""
         with self._cv:
-            seqs = list(self._live.values()) + [s for s in self._intake if not s.done]
+            waiting = [s for queue in self._backlog.values() for s in queue if not s.done]
+            seqs = list(self._live.values()) + waiting + [s for s in self._intake if not s.done]
             calls = self._calls
             self._live.clear()
+            self._backlog.clear()
             self._intake, self._calls = [], []
             self._admitted -= len(calls)
             self._release(seqs)

@@ -11,8 +11,8 @@ from toolbox.serving.common import state_of
 router = APIRouter(tags=["server"])
 
 
-@router.get("/health", response_model=S.HealthResponse,
-            responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
+@router.api_route("/health", methods=["GET", "HEAD"], response_model=S.HealthResponse,
+                  responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
 async def health(request: Request):
     """200 once the model is loaded and serving; 503 before (and while shutting down). Never needs a key."""
     state = state_of(request)

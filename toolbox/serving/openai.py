@@ -37,7 +37,9 @@ from toolbox.serving.common import (
     stream_error,
     streaming,
     submit,
+    offload,
     token_string,
+    top_entries,
     usage,
 )
 from toolbox.serving.engine import EngineFailure, NotAccepting, Overloaded
@@ -46,20 +48,33 @@ from toolbox.serving.schemas import APIError, validate
 router = APIRouter(tags=["openai"])
 
 
-def request_params(req, model, max_new: int):
+def request_params(req, model, max_new: int, top_logprobs: int = 0):
     """The request's generation parameters; a refused setting is a 400 naming its field."""
     try:
-        return req.generation_params(model.defaults, max_new)
+        return req.generation_params(model.defaults, max_new, top_logprobs)
     except ParamError as exc:
         raise param_error(exc, req.NAMES) from None
 
 
 def unsupported(req) -> None:
+    """Settings the server cannot honour are refused by name, never silently ignored."""
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(req, name) not in (None, 0, 0.0):
             raise APIError(400, f"{name}: only 0 is supported", param=name, code="unsupported_parameter")
     if req.logit_bias:
         raise APIError(400, "logit_bias: not supported", param="logit_bias", code="unsupported_parameter")
+    for name in ("tools", "functions"):
+        if getattr(req, name, None) not in (None, []):
+            raise APIError(400, f"{name}: not supported (the series' models have no tool calling)", param=name,
+                           code="unsupported_parameter")
+    for name in ("tool_choice", "function_call"):
+        if getattr(req, name, None) not in (None, "none"):
+            raise APIError(400, f"{name}: not supported (the series' models have no tool calling)", param=name,
+                           code="unsupported_parameter")
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(400, "response_format: only {\"type\": \"text\"} is supported (no JSON mode or schemas)",
+                       param="response_format", code="unsupported_parameter")
 
 
 def chat_turns(messages: list[S.ChatMessage]) -> list[tuple[str, str]]:
@@ -108,17 +123,19 @@ class Prompt:
     where: str = "prompt"  # the request field it came from
 
 
-def completion_prompts(req: S.CompletionRequest, tokenizer, need_offsets: bool) -> list[Prompt]:
+def completion_items(req: S.CompletionRequest) -> tuple[list, bool]:
+    """The request's prompts (texts or id lists) and whether it gave a single one."""
     p = req.prompt
     if isinstance(p, str):
-        items = [p]
-    elif not p:
+        return [p], True
+    if not p:
         raise APIError(400, "prompt: the list is empty", param="prompt", code="invalid_value")
-    elif isinstance(p[0], int):
-        items = [list(p)]
-    else:
-        items = list(p)
-    single = isinstance(p, str) or isinstance(p[0], int)
+    if isinstance(p[0], int):
+        return [list(p)], True
+    return list(p), False
+
+
+def completion_prompts(items: list, single: bool, tokenizer, need_offsets: bool) -> list[Prompt]:
     prompts = []
     for i, item in enumerate(items):
         where = "prompt" if single else f"prompt[{i}]"
@@ -172,16 +189,21 @@ async def completions(request: Request):
         raise APIError(400, "max_tokens: must be at least 1 (0 only with echo)", param="max_tokens",
                        code="invalid_value")
     tok, ctx = model.tokenizer, model.context_length
-    prompts = completion_prompts(req, tok, need_offsets=echo and want_lp)
+    items, single = completion_items(req)
+    check_capacity(engine, len(items) * n)  # before any tokenizing
+    size = sum(len(x) for x in items)
+    prompts = await offload(completion_prompts, items, single, tok, echo and want_lp, size=size)
+    k = req.logprobs or 0
     params = []
     for p in prompts:
         max_new = fit_new_tokens(len(p.ids), req.max_tokens, 16, ctx, p.where, "max_tokens")
-        params.append(request_params(req, model, max(max_new, 1)))
-    check_capacity(engine, len(prompts) * n)
+        params.append(request_params(req, model, max(max_new, 1), k))
     prompt_scores = None
     if echo and want_lp:
+        ids = [p.ids for p in prompts]
         try:
-            prompt_scores = await engine.call(lambda: model.loaded.score([p.ids for p in prompts]))
+            prompt_scores = await engine.call(lambda: model.loaded.score_top(ids, [1] * len(ids), k) if k
+                                              else model.loaded.score(ids))
         except Overloaded as exc:
             raise APIError(429, str(exc), code="queue_full", type="rate_limit_error",
                            headers={"Retry-After": str(state.settings.retry_after)}) from None
@@ -196,16 +218,17 @@ async def completions(request: Request):
 
     def prompt_lp(p: Prompt, scores) -> dict:
         lps = [None, *scores.logprobs] if p.ids else []
-        return {"tokens": [token_string(tok, t) for t in p.ids], "token_logprobs": lps, "top_logprobs": None,
+        tops = [None, *(top_entries(tok, t) for t in scores.top)] if k and p.ids else None
+        return {"tokens": [token_string(tok, t) for t in p.ids], "token_logprobs": lps, "top_logprobs": tops,
                 "text_offset": list(p.offsets)}
 
-    def gen_lp(ids, lps, deltas, base: int) -> dict:
+    def gen_lp(ids, lps, deltas, base: int, tops) -> dict:
         offsets, at = [], base
         for d in deltas:
             offsets.append(at)
             at += len(d)
-        return {"tokens": [token_string(tok, t) for t in ids], "token_logprobs": list(lps), "top_logprobs": None,
-                "text_offset": offsets}
+        return {"tokens": [token_string(tok, t) for t in ids], "token_logprobs": list(lps),
+                "top_logprobs": [top_entries(tok, t) for t in tops] if k else None, "text_offset": offsets}
 
     if not stream:
         if sub is not None:
@@ -221,10 +244,10 @@ async def completions(request: Request):
             head = p.text if echo else ""
             choice = {"index": i, "text": head + r.text, "logprobs": None, "finish_reason": r.finish_reason}
             if want_lp:
-                lp = gen_lp(r.token_ids, r.logprobs, r.deltas, len(head))
+                lp = gen_lp(r.token_ids, r.logprobs, r.deltas, len(head), r.tops)
                 if echo:
                     pl = prompt_lp(p, prompt_scores[i // n])
-                    lp = {k: (None if k == "top_logprobs" else pl[k] + lp[k]) for k in lp}
+                    lp = {key: (None if pl[key] is None else pl[key] + lp[key]) for key in lp}
                 choice["logprobs"] = lp
             if req.return_token_ids:
                 choice["token_ids"] = r.token_ids
@@ -260,7 +283,8 @@ async def completions(request: Request):
                         c = {"index": out.index, "text": out.text, "logprobs": None,
                              "finish_reason": out.finish_reason}
                         if want_lp:
-                            c["logprobs"] = gen_lp([out.token_id], [out.logprob], [out.text], offsets[out.index])
+                            c["logprobs"] = gen_lp([out.token_id], [out.logprob], [out.text], offsets[out.index],
+                                                   [out.top] if out.top else [])
                         if req.return_token_ids:
                             c["token_ids"] = [out.token_id]
                         offsets[out.index] += len(out.text)
@@ -289,19 +313,28 @@ async def chat_completions(request: Request):
     model, engine = state.serving(req.model)
     unsupported(req)
     n = req.n or 1
+    check_capacity(engine, n)
     tok, ctx = model.tokenizer, model.context_length
-    ids = encode(tok, chat_prompt(chat_turns(req.messages)))
+    text = chat_prompt(chat_turns(req.messages))
+    ids = await offload(encode, tok, text, size=len(text))
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_new = fit_new_tokens(len(ids), requested, model.defaults.max_new_tokens, ctx, "messages", max_param)
-    params = request_params(req, model, max_new)
+    want_lp = bool(req.logprobs)
+    if req.top_logprobs and not want_lp:
+        raise APIError(400, "top_logprobs: needs logprobs: true", param="top_logprobs", code="invalid_value")
+    k = req.top_logprobs or 0
+    params = request_params(req, model, max_new, k)
     sub = submit(state, engine, sample_specs([ids], [params], n, True))
     rid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.name
-    want_lp = bool(req.logprobs)
 
-    def lp_entries(token_ids, lps):
-        return [{"token": token_string(tok, t), "logprob": lp, "bytes": list(tok.token_bytes[t]), "top_logprobs": []}
-                for t, lp in zip(token_ids, lps)]
+    def entry(t: int, lp: float) -> dict:
+        return {"token": token_string(tok, t), "logprob": lp, "bytes": list(tok.token_bytes[t])}
+
+    def lp_entries(token_ids, lps, tops):
+        tops = tops if k else [()] * len(token_ids)
+        return [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                for t, lp, top in zip(token_ids, lps, tops)]
 
     if not req.stream:
         try:
@@ -311,7 +344,7 @@ async def chat_completions(request: Request):
         choices = []
         for i, r in enumerate(results):
             c = {"index": i, "message": {"role": "assistant", "content": r.text},
-                 "logprobs": {"content": lp_entries(r.token_ids, r.logprobs)} if want_lp else None,
+                 "logprobs": {"content": lp_entries(r.token_ids, r.logprobs, r.tops)} if want_lp else None,
                  "finish_reason": r.finish_reason}
             if req.return_token_ids:
                 c["token_ids"] = r.token_ids
@@ -336,7 +369,8 @@ async def chat_completions(request: Request):
                     if not out.text and out.finish_reason is None and not want_lp:
                         continue
                     c = {"index": out.index, "delta": {"content": out.text} if out.text else {},
-                         "logprobs": {"content": lp_entries([out.token_id], [out.logprob])} if want_lp else None,
+                         "logprobs": {"content": lp_entries([out.token_id], [out.logprob], [out.top])}
+                         if want_lp else None,
                          "finish_reason": out.finish_reason}
                     if req.return_token_ids:
                         c["token_ids"] = [out.token_id]

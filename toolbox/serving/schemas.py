@@ -139,12 +139,12 @@ class SamplingFields(Request):
     #: the request's names for the library's settings, for errors
     NAMES: ClassVar[dict[str, str]] = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
 
-    def generation_params(self, defaults: GenerationDefaults, max_new: int) -> GenerationParams:
+    def generation_params(self, defaults: GenerationDefaults, max_new: int, top_logprobs: int = 0) -> GenerationParams:
         """OpenAI's defaults where the API defines them (temperature 1, top_p 1), else the registry's
         (`toolbox.params`, policy "openai"); raises `ParamError`."""
         settings = Settings(max_new_tokens=max_new, min_new_tokens=self.min_tokens, temperature=self.temperature,
                             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-                            seed=self.seed, stop=tuple(self.stop or ()))
+                            seed=self.seed, stop=tuple(self.stop or ()), top_logprobs=top_logprobs)
         return generation_params(settings, defaults, "openai")
 
 
@@ -161,7 +161,8 @@ class CompletionRequest(SamplingFields):
         None, ge=0, description="Default 16 (OpenAI's), lowered to fit the context; 0 only with echo."
     )
     logprobs: int | None = Field(
-        None, ge=0, le=5, description="Return token log-probabilities (top_logprobs is null: not supported)."
+        None, ge=0, le=5, description="Return token log-probabilities, and the `logprobs` most likely tokens "
+        "at each position in `top_logprobs` (null for 0)."
     )
     echo: bool | None = Field(None, description="Prepend the prompt to the text (with its logprobs when asked).")
     best_of: int | None = Field(None, ge=1, le=64, description="Only best_of == n is supported.")
@@ -179,7 +180,9 @@ class CompletionRequest(SamplingFields):
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(description="Token texts; an incomplete UTF-8 sequence shows as `bytes:\\xNN...`.")
     token_logprobs: list[float | None] = Field(description="Natural-log probability; null for the first prompt token.")
-    top_logprobs: None = Field(None, description="Not supported: always null.")
+    top_logprobs: list[dict[str, float] | None] | None = Field(
+        None, description="Per token, the most likely tokens with their log-probabilities (null when logprobs is 0; "
+        "null for the first prompt token, which has no context).")
     text_offset: list[int] = Field(description="Character offset of each token in `text`.")
 
 
@@ -248,7 +251,13 @@ class ChatCompletionRequest(SamplingFields):
     )
     max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens (newer name).")
     logprobs: bool | None = Field(None, description="Return the log-probability of each generated token.")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="Accepted; top_logprobs lists are empty.")
+    tools: Any = Field(None, description="Not supported (the series has no tool calling): must be absent, null or [].")
+    tool_choice: Any = Field(None, description="Not supported: must be absent, null or \"none\".")
+    functions: Any = Field(None, description="Not supported (the older name of tools).")
+    function_call: Any = Field(None, description="Not supported (the older name of tool_choice).")
+    response_format: Any = Field(None, description="Only {\"type\": \"text\"}: no JSON mode or schemas.")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely tokens at "
+                                     "each position, with their log-probabilities.")
 
 
 class ChatMessageOut(BaseModel):
@@ -260,7 +269,7 @@ class TokenLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]
-    top_logprobs: list = Field(default_factory=list, description="Always empty (not supported).")
+    top_logprobs: list = Field(default_factory=list, description="The most likely tokens here (`top_logprobs`).")
 
 
 class ChatLogprobs(BaseModel):
@@ -354,8 +363,11 @@ class AzureResponse(RootModel):
 
 
 class TokenizeRequest(Request):
-    text: str
+    text: str | None = Field(None, description="The text (give text or prompt).")
+    prompt: str | None = Field(None, description="The text, under vLLM's name (what lm-evaluation-harness sends).")
     model: str | None = None
+    add_special_tokens: bool | None = Field(
+        None, description="vLLM's flag: true appends </s>, as the series' original (T5) tokenizer does.")
     bos: bool = Field(False, description="Prepend <s>.")
     eos: bool = Field(False, description="Append </s>.")
     parse_special: bool = Field(False, description="Read literal `</s>`, `<s>` ... in the text as special tokens.")
@@ -364,6 +376,7 @@ class TokenizeRequest(Request):
 
 class TokenizeResponse(BaseModel):
     ids: list[int]
+    tokens: list[int] = Field(description="The ids again, under vLLM's name.")
     pieces: list[str]
     offsets: list[tuple[int, int]] = Field(description="[start, end) character span of each token in `text`.")
     count: int
@@ -371,7 +384,8 @@ class TokenizeResponse(BaseModel):
 
 
 class DetokenizeRequest(Request):
-    ids: list[int] | None = Field(None, description="Token ids (give ids or pieces).")
+    ids: list[int] | None = Field(None, description="Token ids (give ids, tokens or pieces).")
+    tokens: list[int] | None = Field(None, description="Token ids, under vLLM's name.")
     pieces: list[str] | None = Field(None, description="Pieces such as `▁` or `<0xE3>` (give ids or pieces).")
     model: str | None = None
     nl: bool = Field(False, description="<NL> becomes a newline.")
@@ -379,8 +393,23 @@ class DetokenizeRequest(Request):
 
 class DetokenizeResponse(BaseModel):
     text: str
+    prompt: str = Field(description="The text again, under vLLM's name.")
     ids: list[int]
     pieces: list[str]
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info, in vLLM's shape (lm-evaluation-harness' remote tokenizer reads it)."""
+
+    tokenizer_class: str
+    vocab_size: int
+    model_max_length: int
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    chat_template: str | None = Field(description="A Jinja template of the series' instruction format "
+                                      "(for the instruction variants), else null.")
 
 
 class HealthResponse(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -90,6 +91,17 @@ class ServerState:
         if name is not None and name not in self.names:
             raise APIError(404, f"model: unknown model {name!r}; this server serves {self.name!r}",
                            param="model", code="model_not_found")
+
+    def begin_shutdown(self) -> None:
+        """Start draining now (SIGTERM): refuse new work, let in-flight requests finish within the
+        shutdown timeout, then fail what is left with a proper error (a JSON 503, an error event in
+        a stream). The HTTP server's own grace period must be longer, so that it never cuts a
+        response off before that happens."""
+        if self.engine is None or self.status not in ("ok", "loading"):
+            return
+        self.status = "stopping"
+        engine, timeout = self.engine, self.settings.shutdown_timeout
+        threading.Thread(target=engine.drain, args=(timeout,), name="toolbox-drain", daemon=True).start()
 
     async def shutdown(self) -> None:
         self.status = "stopping" if self.status == "ok" else self.status

@@ -79,6 +79,9 @@ class WorkerModel:
     def score_from(self, sequences, first):
         return self.call("score_from", sequences, first)
 
+    def score_top(self, sequences, first, k):
+        return self.call("score_top", sequences, first, k)
+
     def batcher(self, capacity: int) -> RemoteBatcher:
         """A fresh batcher in the child (replacing any earlier one)."""
         return RemoteBatcher(self, capacity, self.call("batcher", capacity))
@@ -202,7 +205,8 @@ class _Served:
         for request_id in cancels:
             batcher.cancel(request_id)
         events = batcher.step() if batcher.pending() else []
-        return ([(e.seq, e.token_id, e.logprob, e.finish_reason) for e in events], refused,
+        refused += [(request_id, _describe(exc)) for request_id, exc in getattr(batcher, "take_refused", list)()]
+        return ([(e.seq, e.token_id, e.logprob, e.finish_reason, e.top) for e in events], refused,
                 batcher.pending(), batcher.running())
 
     def score(self, sequences):
@@ -210,6 +214,9 @@ class _Served:
 
     def score_from(self, sequences, first):
         return self.model.score_from(sequences, first)
+
+    def score_top(self, sequences, first, k):
+        return self.model.score_top(sequences, first, k)
 
 
 def _serve(conn: Connection) -> None:
