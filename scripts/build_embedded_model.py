@@ -33,9 +33,10 @@ What it does:
    dropout 0.2. The last 2% of tokens are held out for validation; its loss
    bottoms out near step 300 and creeps up afterwards as the model starts to
    memorize the novel.
-4. Saves config.json, model.safetensors (float16), spiece.model,
-   tokenizer_config.json, special_tokens_map.json and a README.md model card,
-   the layout of the real checkpoints.
+4. Saves config.json, model.safetensors (float16), spiece.model and a README.md
+   model card, the layout of the real checkpoints, plus tokenizer.json,
+   tokenizer_config.json and special_tokens_map.json written from spiece.model by
+   ``toolbox.hf_tokenizer`` so that transformers tokenizes as sentencepiece does.
 
 The text itself is never written anywhere: the tokenizer trainer reads the
 lines from memory, which also keeps the saved spiece.model byte-identical
@@ -54,6 +55,8 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from toolbox.hf_tokenizer import write_tokenizer_files
 
 SEED = 0
 SEQ_LEN = 256
@@ -99,19 +102,6 @@ SPM = dict(
     split_digits=True,
     num_threads=2,
 )
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "T5Tokenizer",
-    "do_lower_case": False,
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "[PAD]",
-    "sp_model_kwargs": {},
-    "extra_ids": 0,
-    "additional_special_tokens": [],
-    "model_max_length": ARCH["max_position_embeddings"],
-}
-SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]"}
 # Keys the real checkpoints have at the top level of config.json.
 TOP_LEVEL_KEYS = (
     "rotary_pct", "rotary_emb_base", "use_parallel_residual", "max_position_embeddings", "hidden_size",
@@ -232,8 +222,7 @@ def save_model(model: GPTNeoXForCausalLM, outdir: Path) -> None:
     for key in TOP_LEVEL_KEYS:
         config.setdefault(key, ARCH[key])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (outdir / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    (outdir / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS_MAP, indent=2) + "\n")
+    write_tokenizer_files(outdir, outdir / "spiece.model")
 
 
 @torch.no_grad()
@@ -272,6 +261,9 @@ kept, identity normalization (lines round-trip exactly), split digits, character
 coverage {SPM["character_coverage"]}. Ids: `[PAD]` 0, `<unk>` 1, `<s>` 2, `</s>` 3, `<NL>` 4.
 The model was trained on lines joined with a newline, which encodes as the byte piece
 `<0x0A>`; `<NL>` exists in the vocabulary but was never seen in training.
+`tokenizer.json`, `tokenizer_config.json` and `special_tokens_map.json` describe the same
+tokenizer for transformers (`AutoTokenizer` gives sentencepiece's ids; see the toolbox's
+docs/tokenizer.md).
 
 ## Model
 

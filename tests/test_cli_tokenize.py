@@ -17,7 +17,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import REPO, SAMPLE_BYTES, SAMPLE_LINES, SAMPLE_TEXT, _clean_env, fake_hub_cache
+from conftest import EMBEDDED_MODEL, REPO, SAMPLE_BYTES, SAMPLE_LINES, SAMPLE_TEXT, _clean_env, fake_hub_cache
 
 SERIES = {
     "rinna/japanese-gpt-neox-3.6b": "3.6b",
@@ -433,10 +433,16 @@ def test_summary_counts_nfkc_round_trip_failures(invoke, nfkc_model_dir, nfkc_sp
     assert data["roundtrip_failures"] == expected > 0
 
 
-def test_compare_hf(invoke, sp_ref):
+@pytest.mark.parametrize("layout", ["embedded", "series"])
+def test_compare_hf(invoke, sp_ref, tmp_path, layout):
     transformers = pytest.importorskip("transformers")
     text = "  猫🍣"
-    r = invoke("inspect-bytes", "--json", "--compare-hf", text)
+    args = ["inspect-bytes", "--compare-hf", text]
+    if layout == "series":  # spiece.model with the series' T5Tokenizer config, no tokenizer.json
+        (tmp_path / "spiece.model").write_bytes(EMBEDDED_MODEL.read_bytes())
+        (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer", "extra_ids": 0}')
+        args += ["--model", str(tmp_path)]
+    r = invoke(*args, "--json")
     assert r.exit_code == 0, r.output
     hf = json.loads(r.stdout)["compare_hf"]
     assert set(hf) >= {"class", "agree", "first_difference", "sentencepiece_ids", "transformers_ids"}
@@ -447,10 +453,12 @@ def test_compare_hf(invoke, sp_ref):
     if not hf["agree"]:
         i = hf["first_difference"]
         assert hf["sentencepiece_ids"][:i] == hf["transformers_ids"][:i]
-    if int(transformers.__version__.split(".")[0]) >= 5:
+    if layout == "embedded":
+        assert hf["agree"] is True  # its tokenizer.json (toolbox.hf_tokenizer) reproduces sentencepiece
+    elif int(transformers.__version__.split(".")[0]) >= 5:
         assert hf["agree"] is False  # transformers 5 ignores use_fast=False on rinna-style models
 
-    table = invoke("inspect-bytes", "--compare-hf", text).stdout
+    table = invoke(*args).stdout
     assert "transformers' tokenizer" in table
 
 

@@ -7,12 +7,22 @@
 Importing the package is cheap: the library (`toolbox.api`) and torch load on first use.
 """
 
+# The module toolbox.tokenizer is imported first, so that the function below, not the module,
+# is what `toolbox.tokenizer` names (`from toolbox.tokenizer import Tokenizer` still works).
+import toolbox.tokenizer as _tokenizer_module  # noqa: F401
 from toolbox.errors import ToolboxError
 
 __version__ = "0.1.0"
 __all__ = ["Model", "ToolboxError", "load", "tokenizer"]
 
-_API = {"load", "tokenizer", "Model", "Completion", "Sample", "Scores", "Comparison"}
+_API = {"load", "Model", "Completion", "Sample", "Scores", "Comparison"}
+
+
+def tokenizer(model: str | None = None, revision: str | None = None):
+    """The model's sentencepiece tokenizer (`toolbox.tokenizer.Tokenizer`), without loading the model or torch."""
+    from toolbox.api import tokenizer as load_tokenizer
+
+    return load_tokenizer(model, revision)
 
 
 def __getattr__(name: str):

@@ -7,11 +7,18 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import replace
 
 import click
 
 from toolbox.commands.options import model_load_options
 from toolbox.errors import ToolboxError
+
+
+def serve_threads(threads: int | None) -> int:
+    """The model process's CPU threads: as asked, else one core fewer than the machine has, so that
+    the HTTP side always has a core and a busy host slows the server down gracefully."""
+    return threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 def _check_port(host: str, port: int) -> None:
@@ -79,7 +86,8 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     and /metrics (Prometheus). Concurrent requests are batched. The model loads in
     the background while the port is already open. SIGTERM stops accepting
     connections, lets in-flight requests finish (at most --shutdown-timeout
-    seconds) and exits 0. See docs/serve.md.
+    seconds) and exits 0. The model uses one CPU thread fewer than the machine has
+    unless --threads says otherwise (the HTTP side keeps a core). See docs/serve.md.
 
     \b
     Examples:
@@ -97,6 +105,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
                         root_path=root_path, model_process=model_process, engine_nice=engine_nice,
                         log_level=log_level, access_log=access_log)
     choice.check()  # an unknown model, backend or option fails here, before the port opens
+    choice = replace(choice, threads=serve_threads(choice.threads))
     if not _loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
 

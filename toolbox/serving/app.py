@@ -71,6 +71,7 @@ def create_app(model=None, settings: Settings | None = None) -> FastAPI:
             schemas.setdefault(key, value)
         for key in ("HTTPValidationError", "ValidationError"):
             schemas.pop(key, None)
+        S.document_limits(schemas, settings.max_batch_size + settings.max_queue, settings.max_body_bytes)
         for path, ops in doc.get("paths", {}).items():
             for op in ops.values():
                 responses = op.get("responses", {})

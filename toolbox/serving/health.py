@@ -11,8 +11,10 @@ from toolbox.serving.common import state_of
 router = APIRouter(tags=["server"])
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=S.HealthResponse,
-                  responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
+@router.head("/health", operation_id="health_head", response_model=S.HealthResponse,
+             responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
+@router.get("/health", operation_id="health", response_model=S.HealthResponse,
+            responses={503: {"model": S.HealthResponse, "description": "Loading, failed or stopping."}})
 async def health(request: Request):
     """200 once the model is loaded and serving; 503 before (and while shutting down). Never needs a key."""
     state = state_of(request)

@@ -378,7 +378,7 @@ class TokenizeResponse(BaseModel):
     ids: list[int]
     tokens: list[int] = Field(description="The ids again, under vLLM's name.")
     pieces: list[str]
-    offsets: list[tuple[int, int]] = Field(description="[start, end) character span of each token in `text`.")
+    offsets: list[list[int]] = Field(description="[start, end) character span of each token in `text` (pairs).")
     count: int
     max_model_len: int
 
@@ -415,3 +415,57 @@ class TokenizerInfo(BaseModel):
 class HealthResponse(BaseModel):
     status: Literal["ok", "loading", "failed", "stopping"]
     model: str | None = None
+
+
+# -- limits the handlers enforce, written into the OpenAPI document ------------------------
+
+
+def document_limits(schemas: dict, max_sequences: int, max_body_bytes: int) -> None:
+    """Put into the JSON schemas what the handlers check beyond the models' own validation, so that
+    a client (or a fuzzer) generating requests from the document meets the same limits."""
+    nonempty = {"type": "string", "minLength": 1}
+    token = {"type": "integer", "minimum": 0}
+    completion = schemas["CompletionRequest"]["properties"]
+    completion["prompt"]["anyOf"] = [
+        nonempty,
+        {"type": "array", "minItems": 1, "items": nonempty},
+        {"type": "array", "minItems": 1, "items": token},
+        {"type": "array", "minItems": 1, "items": {"type": "array", "minItems": 1, "items": token}},
+    ]
+    completion["prompt"]["description"] += (" Token ids must be within the vocabulary (/tokenizer_info). Prompts × n "
+                                            f"may not exceed {max_sequences} sequences.")
+    completion["best_of"]["description"] = "Only null or equal to n (several candidates are not ranked)."
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = schemas[name]["properties"]
+        for penalty in ("presence_penalty", "frequency_penalty"):
+            props[penalty]["anyOf"] = [{"type": "number", "enum": [0]}, {"type": "null"}]
+        props["logit_bias"]["anyOf"] = [{"type": "object", "maxProperties": 0}, {"type": "null"}]
+        props["n"]["description"] = f"Choices per prompt (default 1); at most {max_sequences} sequences in all."
+        props["max_tokens"]["description"] += " Prompt + max_tokens must fit the context (/v1/models max_model_len)."
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for name in ("tools", "functions"):
+        chat[name].update({"anyOf": [{"type": "array", "maxItems": 0}, {"type": "null"}]})
+    for name in ("tool_choice", "function_call"):
+        chat[name].update({"anyOf": [{"type": "string", "enum": ["none"]}, {"type": "null"}]})
+    chat["response_format"].update({"anyOf": [{"type": "object", "properties": {"type": {"enum": ["text"]}},
+                                                "required": ["type"], "additionalProperties": False},
+                                               {"type": "null"}]})
+    chat["messages"]["description"] = "The conversation; its last message is a user message."
+    schemas["AzureInput"]["properties"]["input_string"]["items"] = nonempty
+    azure = schemas["AzureRequest"]["properties"]["input_data"]["anyOf"]
+    azure[1].update({"items": nonempty, "minItems": 1})
+    tokenize = schemas["TokenizeRequest"]
+    tokenize["oneOf"] = [{"required": ["text"]}, {"required": ["prompt"]}]
+    for name in ("text", "prompt"):
+        tokenize["properties"][name].pop("anyOf", None)
+        tokenize["properties"][name]["type"] = "string"
+    detokenize = schemas["DetokenizeRequest"]
+    detokenize["oneOf"] = [{"required": [k]} for k in ("ids", "tokens", "pieces")]
+    for name in ("ids", "tokens"):
+        detokenize["properties"][name].pop("anyOf", None)
+        detokenize["properties"][name].update(type="array", items=token)
+    detokenize["properties"]["pieces"].pop("anyOf", None)
+    detokenize["properties"]["pieces"].update(type="array", items={"type": "string"})
+    for name in ("CompletionRequest", "ChatCompletionRequest", "AzureRequest", "TokenizeRequest", "DetokenizeRequest"):
+        schemas[name]["description"] = (schemas[name].get("description", "") +
+                                        f" Bodies of at most {max_body_bytes} bytes, nested at most 64 levels.").strip()

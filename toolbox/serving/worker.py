@@ -40,9 +40,12 @@ class WorkerModel:
     def __init__(self, model: str | None, revision: str | None, backend: str, options: LoadOptions, nice: int = 0):
         """Start the child and load the model there (blocks until loaded; raises ToolboxError on failure)."""
         ours, theirs = socket.socketpair()
+        # OpenMP threads that sleep when idle instead of spinning: on a busy host spinning threads
+        # fight the HTTP side and other work for the cores (the user's own setting wins)
+        env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ}
         with ours, theirs:
             self._proc = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
-                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                          pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
             self._conn = Connection(ours.detach())
         self._lock = threading.Lock()
         self.failure: WorkerError | None = None  # set once the process is gone
