@@ -360,54 +360,26 @@ class Model:
             out.append(Scores(scored, corpus.stats(), window, stride, prefix))
         return out
 
-    def loglikelihood(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> list[tuple[float, bool]]:
         """For each (context, continuation): the continuation's total log-probability given the
         context, and whether greedy decoding would have produced it (every token ranked first).
 
-        Tokens: ids(context + continuation), with the continuation being what follows the
-        context's own ids (as lm-evaluation-harness splits them); a context longer than the
-        window keeps its newest tokens. An empty context scores from the start token (BOS, else EOS).
+        Tokens are split as lm-evaluation-harness splits them (`toolbox.likelihood`): the
+        continuation is what follows as many ids of the whole text as the context alone has;
+        whitespace ending a context moves to the continuation; an empty context is the start
+        token (BOS, else EOS). A sequence longer than the context keeps its newest tokens.
         """
-        seqs, firsts = [], []
-        for i, (context, continuation) in enumerate(pairs):
-            if not continuation:
-                raise ToolboxError(f"pairs[{i}]: the continuation is empty")
-            whole = self.tokenizer.encode(context + continuation)
-            head = self.tokenizer.encode(context) if context else []
-            cut = len(head) if whole[: len(head)] == head else _common_prefix(whole, head)
-            if cut == 0:
-                whole, cut = [self.tokenizer.special_ids[self._start_token()]] + whole, 1
-            if cut == len(whole):
-                raise ToolboxError(f"pairs[{i}]: the continuation adds no token to the context")
-            if len(whole) > self.context_length:  # keep the newest tokens, the whole continuation if possible
-                drop = len(whole) - self.context_length
-                if drop >= cut:
-                    raise ToolboxError(f"pairs[{i}]: the continuation alone exceeds the context of "
-                                       f"{self.context_length} tokens")
-                whole, cut = whole[drop:], cut - drop
-            seqs.append(whole)
-            firsts.append(cut)
-        found = self.loaded.score_from(seqs, firsts) if seqs else []
-        return [(float(sum(s.logprobs)), all(r == 1 for r in s.ranks)) for s in found]
+        from toolbox import likelihood
+
+        start = likelihood.start_token(self)
+        split = [likelihood.split(self.tokenizer.encode, c, x, start) for c, x in pairs]
+        return likelihood.score(self, split, self.context_length, batch_size,
+                                [f"pairs[{i}]" for i in range(len(split))])
 
     def loglikelihood_rolling(self, texts: Sequence[str], window: int | None = None) -> list[float]:
         """Each text's total log-likelihood with every token scored, the first given the start token
         (BOS, else EOS); long texts in windows of the context, each new token with the most context."""
         window = window or self.context_length
-        scores = self.score(list(texts), window=window, stride=window - 1, prefix=self._start_token())
+        start = "bos" if "bos" in self.tokenizer.special_ids else "eos"
+        scores = self.score(list(texts), window=window, stride=window - 1, prefix=start)
         return [t.stats.logprob for t in scores.texts]
-
-    def _start_token(self) -> str:
-        for name in ("bos", "eos"):
-            if name in self.tokenizer.special_ids:
-                return name
-        raise ToolboxError(f"the tokenizer {self.tokenizer.path} defines neither BOS nor EOS to start from")
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -24,6 +24,7 @@ COMMANDS = {
     "chat": "toolbox.commands.chat:chat",
     "score": "toolbox.commands.score:score",
     "serve": "toolbox.commands.serve:serve",
+    "eval": "toolbox.commands.eval:eval_group",
 }
 
 
