@@ -111,7 +111,8 @@ def _timed(fn, *args) -> float:
 
 
 def _ours(args):
-    from toolbox.backend import GenerationParams, LoadOptions, pick_backend
+    from toolbox.backend import GenerationParams, LoadOptions
+    from toolbox.backends import pick as pick_backend
 
     model = pick_backend(args.engine).load(Path(args.model_dir), LoadOptions(dtype=args.dtype, threads=args.threads))
     def generate(prompt, n):

@@ -188,7 +188,8 @@ def cpu_main(args) -> dict:
     import torch
     from transformers import GPTNeoXForCausalLM
 
-    from toolbox.backend import LoadOptions, backends
+    from toolbox.backend import LoadOptions
+    from toolbox.backends import registered as backends
     from toolbox.scoring import plan_windows
     from toolbox.tokenizer import Tokenizer
 
