@@ -48,6 +48,10 @@ def imported_heavy(args: list[str], stdin: bytes = b"") -> dict:
         (["inspect-bytes", "--summary"], "寿司🍣\n".encode()),
         (["models", "list"], b""),
         (["models", "show", "sft"], b""),
+        (["eval", "--help"], b""),
+        (["finetune", "--help"], b""),
+        (["classify", "--help"], b""),
+        (["serve", "--help"], b""),
     ],
 )
 def test_no_heavy_imports(args, stdin):

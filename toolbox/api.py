@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import replace
 
 from toolbox.backend import LoadedModel
-from toolbox.checkpoints import ModelRef, checkpoint_dir, parse_model, tokenizer_file
+from toolbox.checkpoints import ModelRef, checkpoint_dir, parse_model, prompt_format, tokenizer_file
 from toolbox.context import LIBRARY_ADVICE, fit_prompt, fit_turns
 from toolbox.errors import ToolboxError
 from toolbox.params import Settings, generation_params, sample_seed
@@ -40,6 +40,9 @@ from toolbox.tokenizer import Tokenizer
 from toolbox.types import Event, GenerationParams, LoadOptions, SequenceRequest
 
 TEMPLATES = ("auto", "plain", "rinna-chat")
+#: what a fine-tuned head cannot do (it has no language-model output)
+_LANGUAGE_MODEL = {"generate", "stream", "chat", "chat_ids", "events", "run", "score", "compare", "loglikelihood",
+                   "loglikelihood_rolling", "params", "prompt_ids"}
 PREFIXES = (None, "bos", "eos")
 
 
@@ -52,14 +55,32 @@ def load(model: str | None = None, backend: str = "auto", dtype: str | None = No
     backends`), e.g. ``{"compile": True}`` for cpu. Raises `ToolboxError` on any bad input.
     """
     from toolbox.backends import pick
+    from toolbox.heads import head_task
 
     ref = parse_model(model, revision)
+    check_threads(threads)
+    directory = checkpoint_dir(ref)
+    if head_task(directory) is not None:  # a fine-tuned classifier or tagger (`toolbox finetune`)
+        return _load_head(ref, backend, dtype, device, threads, options)
     chosen = pick(backend)
     extra = dict(options or {})
     chosen.check_options(extra)
-    check_threads(threads)
-    loaded = chosen.load(checkpoint_dir(ref), LoadOptions(device=device, dtype=dtype, threads=threads, extra=extra))
+    loaded = chosen.load(directory, LoadOptions(device=device, dtype=dtype, threads=threads, extra=extra))
     return Model(ref, loaded, chosen.name)
+
+
+def _load_head(ref: ModelRef, backend: str, dtype, device, threads, options) -> Model:
+    """A classification or tagging checkpoint: the built-in runtime with its head, on the CPU or a GPU."""
+    from toolbox import heads
+
+    if backend not in ("auto", "cpu", "cuda"):
+        raise ToolboxError(f"backend {backend!r}: fine-tuned classification and tagging models run on cpu or cuda")
+    if options:
+        raise ToolboxError(f"option {next(iter(options))!r}: fine-tuned heads take no backend options")
+    device = device or ("cpu" if backend == "cpu" else None)
+    runner = heads.load(str(ref.local_dir or ref.repo_id), device=device, dtype=dtype, threads=threads,
+                        revision=ref.revision)
+    return HeadModel(ref, runner, "cuda" if str(runner.module.device).startswith("cuda") else "cpu")
 
 
 def tokenizer(model: str | None = None, revision: str | None = None) -> Tokenizer:
@@ -83,11 +104,40 @@ class Model:
     with the registry's defaults for the variant and its prompt template.
     """
 
-    def __init__(self, ref: ModelRef, loaded: LoadedModel, backend: str):
+    def __init__(self, ref: ModelRef, loaded: LoadedModel | None, backend: str):
         self.ref, self.loaded, self.backend = ref, loaded, backend
+        self.head = None  # a fine-tuned classifier or tagger (`toolbox.heads.HeadRunner`); then no `loaded`
 
     def __repr__(self) -> str:
-        return f"<toolbox.Model {self.name!r} on {self.backend}>"
+        kind = f" ({self.head.task})" if self.head is not None else ""
+        return f"<toolbox.Model {self.name!r}{kind} on {self.backend}>"
+
+    # -- fine-tuned heads -----------------------------------------------------------
+
+    @property
+    def task(self) -> str:
+        """"generate" for a language model; "classify" or "tag" for a fine-tuned head."""
+        return self.head.task if self.head is not None else "generate"
+
+    def classify(self, texts: str | Sequence[str]):
+        """Each text's label with its probability (`toolbox.heads.Classification`; a list for a list),
+        for a model made by `toolbox finetune classify`."""
+        from toolbox import heads
+
+        return heads.classify(self._head("classify"), texts)
+
+    def tag(self, texts: str | Sequence[str]):
+        """Each text's entities as character spans (`toolbox.heads.Tagging`; a list for a list), for
+        a model made by `toolbox finetune tag`."""
+        from toolbox import heads
+
+        return heads.tag(self._head("tag"), texts)
+
+    def _head(self, task: str):
+        if self.head is None:
+            raise ToolboxError(f"{self.name} is a language model; {task} needs a model made by "
+                               f"`toolbox finetune {task}`")
+        return self.head
 
     # -- facts ----------------------------------------------------------------------
 
@@ -103,11 +153,11 @@ class Model:
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self.loaded.tokenizer
+        return (self.head or self.loaded).tokenizer
 
     @property
     def context_length(self) -> int:
-        return self.loaded.context_length
+        return (self.head or self.loaded).context_length
 
     @property
     def defaults(self) -> GenerationDefaults:
@@ -116,11 +166,14 @@ class Model:
 
     @property
     def chat_template(self) -> bool:
-        """Whether text prompts go through the instruction variants' template by default."""
-        return self.spec is not None and self.spec.prompt_format == "rinna-chat"
+        """Whether text prompts go through the instruction variants' template by default (the registry's
+        format, or a fine-tuned checkpoint's own, from its config.json)."""
+        return prompt_format(self.ref) == "rinna-chat"
 
     def describe(self) -> dict:
         """Backend facts: device, dtype, parameters, memory."""
+        if self.head is not None:
+            return {"task": self.head.task, "labels": list(self.head.labels), "device": str(self.head.module.device)}
         return self.loaded.describe()
 
     def close(self) -> None:
@@ -383,3 +436,26 @@ class Model:
         start = "bos" if "bos" in self.tokenizer.special_ids else "eos"
         scores = self.score(list(texts), window=window, stride=window - 1, prefix=start)
         return [t.stats.logprob for t in scores.texts]
+
+
+class HeadModel(Model):
+    """A fine-tuned classifier or tagger (`toolbox finetune classify|tag`): `classify` or `tag`,
+    `tokenize`, `detokenize`; it has no language-model output, so generating or scoring with it
+    is a one-line error saying what to use instead."""
+
+    def __init__(self, ref: ModelRef, runner, backend: str):
+        super().__init__(ref, None, backend)
+        self.head = runner
+
+
+def _not_a_language_model(name: str):
+    def refuse(self, *args, **kwargs):
+        raise ToolboxError(f"{self.name} is a {self.head.task} model, not a language model: use "
+                           f"Model.{self.head.task} (toolbox {self.head.task}) with it")
+
+    refuse.__name__ = name
+    return refuse
+
+
+for _name in _LANGUAGE_MODEL:
+    setattr(HeadModel, _name, _not_a_language_model(_name))

@@ -88,6 +88,24 @@ def parse_model(name: str | None, revision: str | None = None) -> ModelRef:
     )
 
 
+def prompt_format(ref: ModelRef) -> str:
+    """"plain" or "rinna-chat": the registry's entry, else what a local checkpoint's config.json says
+    under "toolbox" (`toolbox finetune lm` writes it for instruction-tuned models), else "plain"."""
+    if ref.spec is not None:
+        return ref.spec.prompt_format
+    if ref.local_dir is not None:
+        import json
+
+        try:
+            config = json.loads((ref.local_dir / "config.json").read_text(encoding="utf-8"))
+            found = (config.get("toolbox") or {}).get("prompt_format")
+        except (OSError, ValueError, AttributeError):
+            found = None
+        if found in ("plain", "rinna-chat"):
+            return found
+    return "plain"
+
+
 def tokenizer_file(ref: ModelRef) -> Path:
     """Path of the model's spiece.model, from the directory or the hub cache."""
     if ref.local_dir is not None:

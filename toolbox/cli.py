@@ -25,6 +25,9 @@ COMMANDS = {
     "score": "toolbox.commands.score:score",
     "serve": "toolbox.commands.serve:serve",
     "eval": "toolbox.commands.eval:eval_group",
+    "finetune": "toolbox.commands.finetune:finetune",
+    "classify": "toolbox.commands.heads:classify",
+    "tag": "toolbox.commands.heads:tag",
 }
 
 

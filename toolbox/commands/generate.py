@@ -24,7 +24,7 @@ prompt_format_option = click.option(
     type=click.Choice(["auto", "plain", "rinna-chat"]),
     default="auto",
     show_default=True,
-    help="auto: the registry's format for the model (plain for local directories).",
+    help="auto: the registry's format for the model, or a fine-tuned directory's own (else plain).",
 )
 
 

@@ -15,6 +15,14 @@ from toolbox.commands.options import model_load_options
 from toolbox.errors import ToolboxError
 
 
+def _is_head(choice) -> bool:
+    """A fine-tuned classifier or tagger: served from this process (no decoding loop to keep apart)."""
+    from toolbox.checkpoints import checkpoint_dir, parse_model
+    from toolbox.heads import head_task
+
+    return head_task(checkpoint_dir(parse_model(choice.model, choice.revision))) is not None
+
+
 def serve_threads(threads: int | None) -> int:
     """The model process's CPU threads: as asked, else one core fewer than the machine has, so that
     the HTTP side always has a core and a busy host slows the server down gracefully."""
@@ -139,7 +147,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
 
     def load_model():
         try:
-            if model_process:
+            if model_process and not _is_head(choice):
                 options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
                 model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)
             else:

@@ -2,7 +2,8 @@
 
 Endpoint families live in modules of their own, each an `APIRouter` of plain handler
 functions: `openai` (/v1/models, /v1/completions, /v1/chat/completions), `azure`
-(/score), `tokenizer` (/tokenize, /detokenize) and `health` (/health, /metrics).
+(/score), `tokenizer` (/tokenize, /detokenize, /tokenizer_info), `heads` (/v1/classify,
+/v1/tag for fine-tuned heads) and `health` (/health, /metrics).
 Generation goes through the `Engine` (one thread, batched); handlers validate, build
 prompts with the library, submit and format. `model` (a `toolbox.Model`) may be None:
 it is then attached later with `app.state.server.attach(model)` and every endpoint but
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toolbox import __version__
-from toolbox.serving import azure, health, openai, tokenizer
+from toolbox.serving import azure, health, heads, openai, tokenizer
 from toolbox.serving import schemas as S
 from toolbox.serving.schemas import APIError
 from toolbox.serving.state import ServerState, Settings
@@ -31,7 +32,8 @@ log = logging.getLogger("uvicorn.error")
 
 __all__ = ["Settings", "create_app"]
 
-REQUEST_MODELS = (S.CompletionRequest, S.ChatCompletionRequest, S.AzureRequest, S.TokenizeRequest, S.DetokenizeRequest)
+REQUEST_MODELS = (S.CompletionRequest, S.ChatCompletionRequest, S.AzureRequest, S.TokenizeRequest, S.DetokenizeRequest,
+                  S.HeadRequest)
 
 
 def create_app(model=None, settings: Settings | None = None) -> FastAPI:
@@ -54,7 +56,7 @@ def create_app(model=None, settings: Settings | None = None) -> FastAPI:
     app.state.server = state
     if model is not None:
         state.attach(model)
-    for module in (health, openai, azure, tokenizer):
+    for module in (health, openai, azure, tokenizer, heads):
         app.include_router(module.router)
     _error_handlers(app)
 
@@ -126,6 +128,7 @@ class _Gate:
     """
 
     KNOWN = {"/health", "/metrics", "/score", "/tokenize", "/detokenize", "/tokenizer_info", "/v1/models",
+             "/v1/classify", "/v1/tag",
              "/v1/completions",
              "/v1/chat/completions", "/openapi.json", "/docs"}
 

@@ -54,6 +54,10 @@ async def score(request: Request):
     state = state_of(request)
     strings, params, where, str_where = parse(await read_json(request, state.settings.max_body_bytes))
     model, engine = state.ready()
+    if model.head is not None:  # a fine-tuned classifier or tagger: its results, one per input
+        from toolbox.serving.heads import run_head
+
+        return JSONResponse(await run_head(state, model.head.task, strings, str_where))
     ctx, tok = model.context_length, model.tokenizer
     prompts, gens = [], []
     for i, s in enumerate(strings):

@@ -177,7 +177,7 @@ async def completions(request: Request):
     """OpenAI completions: raw prompts (no template), `n`, `stop`, `seed`, `logprobs`, `echo`, streaming."""
     state = state_of(request)
     req = validate(S.CompletionRequest, await read_json(request, state.settings.max_body_bytes))
-    model, engine = state.serving(req.model)
+    model, engine = state.generating(req.model)
     unsupported(req)
     if req.suffix is not None:
         raise APIError(400, "suffix: not supported", param="suffix", code="unsupported_parameter")
@@ -310,7 +310,7 @@ async def chat_completions(request: Request):
     """OpenAI chat: messages through the series' template (ユーザー/システム, <NL>); see docs/serve.md for `system`."""
     state = state_of(request)
     req = validate(S.ChatCompletionRequest, await read_json(request, state.settings.max_body_bytes))
-    model, engine = state.serving(req.model)
+    model, engine = state.generating(req.model)
     unsupported(req)
     n = req.n or 1
     check_capacity(engine, n)

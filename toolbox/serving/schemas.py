@@ -354,9 +354,9 @@ class AzureStrings(RootModel):
 
 
 class AzureResponse(RootModel):
-    """One object per input, the text under key "0"."""
+    """One object per input: the text under key "0"; for a fine-tuned head, its classify or tag result."""
 
-    root: list[dict[str, str]]
+    root: list[dict]
 
 
 # -- tokenizer ------------------------------------------------------------------------
@@ -410,6 +410,18 @@ class TokenizerInfo(BaseModel):
     unk_token: str | None
     chat_template: str | None = Field(description="A Jinja template of the series' instruction format "
                                       "(for the instruction variants), else null.")
+
+
+class HeadRequest(Request):
+    """POST /v1/classify and /v1/tag."""
+
+    texts: list[str] = Field(min_length=1, description="The texts (each non-empty, within the context).")
+    model: str | None = None
+
+
+class HeadResponse(BaseModel):
+    results: list[dict] = Field(description="Per text: classify {text, label, score, scores}; tag {text, entities: "
+                                "[{start, end, label, text, score}]} (character offsets into the text).")
 
 
 class HealthResponse(BaseModel):
@@ -466,6 +478,8 @@ def document_limits(schemas: dict, max_sequences: int, max_body_bytes: int) -> N
         detokenize["properties"][name].update(type="array", items=token)
     detokenize["properties"]["pieces"].pop("anyOf", None)
     detokenize["properties"]["pieces"].update(type="array", items={"type": "string"})
-    for name in ("CompletionRequest", "ChatCompletionRequest", "AzureRequest", "TokenizeRequest", "DetokenizeRequest"):
+    schemas["HeadRequest"]["properties"]["texts"]["items"] = nonempty
+    for name in ("CompletionRequest", "ChatCompletionRequest", "AzureRequest", "TokenizeRequest", "DetokenizeRequest",
+                 "HeadRequest"):
         schemas[name]["description"] = (schemas[name].get("description", "") +
                                         f" Bodies of at most {max_body_bytes} bytes, nested at most 64 levels.").strip()

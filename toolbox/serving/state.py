@@ -45,13 +45,16 @@ class ServerState:
         self.name = settings.served_model_name
         self.names: set[str] = set()
         self.aliases: list[str] = []
+        self.head_lock = threading.Lock()  # a fine-tuned head runs one batch at a time
 
     def attach(self, model) -> None:
-        """Start serving `model` (a `toolbox.Model`)."""
+        """Start serving `model` (a `toolbox.Model`; a fine-tuned head needs no engine)."""
         s = self.settings
-        nice = 0 if s.model_process else s.engine_nice
-        engine = Engine(model.loaded, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait, nice)
-        engine.start()
+        engine = None
+        if model.head is None:
+            nice = 0 if s.model_process else s.engine_nice
+            engine = Engine(model.loaded, s.max_batch_size, s.max_queue, self.metrics, s.batch_wait, nice)
+            engine.start()
         self.name = s.served_model_name or model.name
         aliases = set(model.spec.names) if model.spec else set()
         self.names = {self.name, model.name, *aliases}
@@ -66,7 +69,7 @@ class ServerState:
 
     def current_status(self) -> str:
         """The status, turned to "failed" once the engine has stopped or the model process died."""
-        if self.status == "ok":
+        if self.status == "ok" and self.engine is not None:
             failure = self.engine.failure or getattr(self.model.loaded, "failure", None)
             if failure is not None:
                 self.failed(failure)
@@ -86,6 +89,15 @@ class ServerState:
         ready = self.ready()
         self.check_model(name)
         return ready
+
+    def generating(self, name: str | None):
+        """`serving()` for an endpoint that generates: a 400 when the model is a fine-tuned head."""
+        model, engine = self.serving(name)
+        if model.head is not None:
+            task = model.head.task
+            raise APIError(400, f"model: {self.name} is a {task} model, not a language model; use /v1/{task} "
+                           "or /score", param="model", code="wrong_model_type")
+        return model, engine
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.names:
