@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import sys
@@ -13,6 +12,7 @@ import click
 
 from toolbox.commands.options import model_load_options
 from toolbox.errors import ToolboxError
+from toolbox.serving.network import check_port, loopback
 
 
 def _is_head(choice) -> bool:
@@ -27,32 +27,6 @@ def serve_threads(threads: int | None) -> int:
     """The model process's CPU threads: as asked, else one core fewer than the machine has, so that
     the HTTP side always has a core and a busy host slows the server down gracefully."""
     return threads or max(1, (os.cpu_count() or 1) - 1)
-
-
-def _check_port(host: str, port: int) -> None:
-    """A one-line error now for an address that cannot be bound (in use, not ours), not uvicorn's later."""
-    import socket
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ToolboxError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise ToolboxError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command()
@@ -114,7 +88,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
                         log_level=log_level, access_log=access_log)
     choice.check()  # an unknown model, backend or option fails here, before the port opens
     choice = replace(choice, threads=serve_threads(choice.threads))
-    if not _loopback(host) and not api_key:
+    if not loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
 
     try:
@@ -131,7 +105,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
                         model_process=model_process)
     app = create_app(None, settings)
     state = app.state.server
-    _check_port(host, port)
+    check_port(host, port)
     # uvicorn's own grace period outlasts the engine's drain (ServerState.begin_shutdown), so that
     # requests still running at the deadline end with an error response, not a cut connection
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,

@@ -17,6 +17,7 @@ Parquet shard appears only once it is complete (the rows of an unfinished one ar
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -28,11 +29,11 @@ import click
 
 from toolbox import batchjob
 from toolbox.errors import ToolboxError
-from toolbox.ray.cluster import check_choice, connected, gpus_per_worker, portable, remote_error
+from toolbox.ray.cluster import check_choice, connected, gpus_per_worker, portable, remote_error, require
 
 WHAT = "toolbox generate --ray"
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
-SHARD_ROWS = 10_000  # rows per output shard: what a crash can cost at most (a shard is written as a whole)
+SHARD_ROWS = 10_000  # rows per output shard (an unfinished Parquet shard is redone whole: what a crash can cost)
 PART = ".part-"
 
 
@@ -230,7 +231,12 @@ class _Shard:
 
         fs = self.sink.fs
         target = self.path + ".tmp" if self.sink.local else self.path  # an object appears whole on close
-        pq.write_table(pa.Table.from_pylist(self._rows), target, filesystem=fs)
+        table = pa.Table.from_pylist(self._rows)
+        for name in ("id", "error"):  # all null here: typed as text, as where they are set
+            where = table.schema.get_field_index(name)
+            if pa.types.is_null(table.schema.field(where).type):
+                table = table.set_column(where, name, table.column(where).cast(pa.string()))
+        pq.write_table(table, target, filesystem=fs)
         if target != self.path:
             fs.move(target, self.path)
 
@@ -267,7 +273,8 @@ def open_sink(output: str, sources: list[Source], input_is_folder: bool):
 
 
 def count_todo(sources: list[Source], done: dict[str, set[int]]) -> int | None:
-    """Records left to generate when that is cheap to know (local JSONL and Parquet files), else None."""
+    """Records (and bad records) left to do, when that is cheap to know here (local JSONL and Parquet
+    inputs), else None. Zero: a rerun of a finished job, which then needs no cluster."""
     total = 0
     for s in sources:
         if not os.path.isfile(s.path) or s.kind == "csv":
@@ -292,7 +299,7 @@ def parse_file(row: dict, *, names: dict[str, str], kinds: dict[str, str], field
     kind, skip, failures = kinds[name], done.get(name, set()), []
     if kind == "jsonl":
         records = [(r.index, r.record.get("id", _NO_ID), r.prompt, f"{name} line {r.index + 1}")
-                   for r in batchjob.parse_lines(row["bytes"].splitlines(keepends=True), name, field, skip, failures)]
+                   for r in batchjob.parse_lines(io.BytesIO(row["bytes"]), name, field, skip, failures)]
     else:
         records = _table_records(row["bytes"], name, kind, field, skip, failures)
     rows = [_record_row(name, index, record_id, prompt, where) for index, record_id, prompt, where in records]
@@ -354,39 +361,36 @@ class Generator:
 
         from toolbox.commands.options import CLI_ADVICE
 
-        out = {"source": [], "index": [], "line": [], "failure": [], "tokens": []}
-
-        def emit(row, line="", failure="", tokens=0):
-            for key, value in (("source", row["source"]), ("index", row["index"]), ("line", line),
-                               ("failure", failure), ("tokens", tokens)):
-                out[key].append(value)
-
-        todo = []
+        out, todo = [], []
         for row in batch.to_pylist():
-            if row["failure"]:
-                emit(row, failure=row["failure"])
-                continue
-            try:
-                ids = self.model.prompt_ids(row["prompt"], self.params.max_new_tokens, self.template, self.truncate,
-                                            row["where"], advice=CLI_ADVICE, max_field="--max-new-tokens")
-            except ToolboxError as exc:
-                emit(row, failure=str(exc))
-                continue
-            todo.append((row, ids))
+            failure = row["failure"]
+            if not failure:
+                try:
+                    ids = self.model.prompt_ids(row["prompt"], self.params.max_new_tokens, self.template,
+                                                self.truncate, row["where"], advice=CLI_ADVICE,
+                                                max_field="--max-new-tokens")
+                    todo.append((row, ids))
+                    continue
+                except ToolboxError as exc:
+                    failure = str(exc)
+            out.append(_result(row, failure=failure))
         completions = self.model.run([ids for _, ids in todo], self.params, self.nl, batch_size=self.batch_size,
                                      texts=[row["prompt"] for row, _ in todo], errors="record") if todo else []
         for (row, _), completion in zip(todo, completions):
             failed = [s.error for s in completion.samples if s.error is not None]
             if failed:  # not written: a rerun tries it again
-                emit(row, failure=f"{row['where']}: generation failed: {failed[0]}")
+                out.append(_result(row, failure=f"{row['where']}: generation failed: {failed[0]}"))
                 continue
-            record = {"id": json.loads(row["id"])} if row["id"] else {}
-            item = batchjob.InputRecord(row["index"], record, row["prompt"])
+            item = batchjob.InputRecord(row["index"], {"id": json.loads(row["id"])} if row["id"] else {}, row["prompt"])
             line = json.dumps(batchjob.result_record(item, completion), ensure_ascii=False)
-            emit(row, line=line, tokens=sum(len(s.token_ids) for s in completion.samples))
-        return pa.table({"source": pa.array(out["source"], pa.string()), "index": pa.array(out["index"], pa.int64()),
-                         "line": pa.array(out["line"], pa.string()), "failure": pa.array(out["failure"], pa.string()),
-                         "tokens": pa.array(out["tokens"], pa.int64())})
+            out.append(_result(row, line=line, tokens=sum(len(s.token_ids) for s in completion.samples)))
+        schema = pa.schema([("source", pa.string()), ("index", pa.int64()), ("line", pa.string()),
+                            ("failure", pa.string()), ("tokens", pa.int64())])
+        return pa.Table.from_pylist(out, schema=schema)
+
+
+def _result(row: dict, line: str = "", failure: str = "", tokens: int = 0) -> dict:
+    return {"source": row["source"], "index": row["index"], "line": line, "failure": failure, "tokens": tokens}
 
 
 # -- the job --------------------------------------------------------------------------------------
@@ -408,14 +412,15 @@ class Tally:
 
 def run(choice, params, job: Job, address: str | None = None) -> Tally:
     """Run the job to the end; failed records are reported (one line each) and the exit status is 1."""
+    require(WHAT, "ray.data")  # before anything is read or created
     check_choice(choice)
     fs, sources, input_is_folder = list_sources(job.input)
     sink = open_sink(job.output, sources, input_is_folder)
     done = sink.done
-    todo = count_todo(sources, done)
     tally = Tally()
     already = sum(len(v) for v in done.values())
     try:
+        todo = count_todo(sources, done)
         if todo != 0:
             with connected(address, WHAT, "ray.data") as ray:
                 _execute(ray, choice, params, job, fs, sources, done, sink, tally, todo)
@@ -430,7 +435,7 @@ def run(choice, params, job: Job, address: str | None = None) -> Tally:
     return tally
 
 
-def _execute(ray, choice, params, job, fs, sources, done, sink, tally: Tally, todo) -> None:
+def _execute(ray, choice, params, job, fs, sources, done, sink, tally: Tally, todo: int | None) -> None:
     import logging
 
     quiet = logging.getLogger("ray.data")  # Ray Data's notes on its own execution; errors still show
@@ -442,7 +447,7 @@ def _execute(ray, choice, params, job, fs, sources, done, sink, tally: Tally, to
         quiet.setLevel(level)
 
 
-def _stream(ray, choice, params, job, fs, sources, done, sink, tally: Tally, todo) -> None:
+def _stream(ray, choice, params, job, fs, sources, done, sink, tally: Tally, todo: int | None) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     context = ray.data.DataContext.get_current()
@@ -453,24 +458,27 @@ def _stream(ray, choice, params, job, fs, sources, done, sink, tally: Tally, tod
     gpus = job.gpus if job.gpus is not None else gpus_per_worker(
         choice.backend, choice.device, float(ray.cluster_resources().get("GPU", 0)))
     _warn_capacity(ray, job.replicas, cpus, gpus)
-    names = {s.path: s.name for s in sources}
-    # reading and parsing take no CPU of their own in Ray's accounting: the actors hold the cores
-    ds = ray.data.read_binary_files([s.path for s in sources], include_paths=True, filesystem=fs, num_cpus=0)
-    ds = ds.flat_map(parse_file, fn_kwargs={"names": names, "kinds": {s.name: s.kind for s in sources},
-                                            "field": job.field, "done": done}, num_cpus=0)
-    ds = ds.map_batches(
-        Generator, batch_size=job.batch_size, batch_format="pyarrow",
-        fn_constructor_kwargs={"choice": replace(portable(choice), threads=cpus if gpus == 0 else choice.threads),
-                               "params": params, "template": job.template, "truncate": job.truncate,
-                               "batch_size": job.batch_size},
-        compute=ray.data.ActorPoolStrategy(size=job.replicas), num_cpus=cpus, num_gpus=gpus,
-    )
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rates]}"),
                TimeElapsedColumn()]
     try:
+        # A task takes whole blocks and returns its results at its end, and a file arrives as one block:
+        # cut the records into blocks of a batch, so that every actor gets work and the results come
+        # (and are written) batch by batch. The cut runs to the end before the actors exist (they may
+        # hold every CPU, and it needs one); it holds only the prompts, and gives the count for the view.
+        records = _records(ray, fs, sources, done, job)
+        records = records.repartition(target_num_rows_per_block=job.batch_size).materialize()
+        todo = records.count()
+        results = records.map_batches(
+            Generator, batch_size=job.batch_size, batch_format="pyarrow",
+            fn_constructor_kwargs={"choice": replace(portable(choice), threads=cpus if gpus == 0 else choice.threads),
+                                   "params": params, "template": job.template, "truncate": job.truncate,
+                                   "batch_size": job.batch_size},
+            compute=ray.data.ActorPoolStrategy(size=job.replicas), num_cpus=cpus, num_gpus=gpus,
+        )
+        tally.started = time.perf_counter()
         with Progress(*columns, transient=True) as progress:
             task = progress.add_task("generating", total=todo, rates="")
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in results.iter_batches(batch_size=None, batch_format="pyarrow"):
                 by_source: dict[str, list[str]] = {}
                 for row in batch.to_pylist():
                     if row["failure"]:
@@ -484,6 +492,15 @@ def _stream(ray, choice, params, job, fs, sources, done, sink, tally: Tally, tod
                 progress.update(task, completed=tally.written + len(tally.failures), rates=tally.rates())
     except Exception as exc:  # noqa: BLE001 - Ray reports an actor's failure as its own exception types
         raise ToolboxError(f"the batch job failed: {remote_error(exc)}") from None
+
+
+def _records(ray, fs, sources: list[Source], done: dict[str, set[int]], job: Job):
+    """The input files read and parsed into records (those not done yet, and the bad ones as failures).
+    Reading and parsing reserve no CPU: the actors may hold them all, and these steps are light."""
+    names = {s.path: s.name for s in sources}
+    records = ray.data.read_binary_files([s.path for s in sources], include_paths=True, filesystem=fs, num_cpus=0)
+    return records.flat_map(parse_file, num_cpus=0, fn_kwargs={
+        "names": names, "kinds": {s.name: s.kind for s in sources}, "field": job.field, "done": done})
 
 
 def _warn_capacity(ray, replicas: int, cpus: float, gpus: float) -> None:

@@ -1,8 +1,10 @@
 """Reaching Ray: import it (or say how to install it), connect to a cluster or start a local one.
 
-Ray's own connect waits for a cluster that does not answer (retrying for minutes), so an
-address is first tried with a plain TCP connection and a short timeout: an unreachable
-cluster is a one-line error within seconds.
+Ray's own connect keeps retrying an address that does not answer, logging each try. So an
+address is first tried with a plain TCP connection and a short timeout, and Ray's wait for
+a peer that answers but is not a usable cluster (another service, a missing auth token)
+is cut to the same few seconds: either way, a one-line error within seconds. A session
+this process already holds (a test's, a notebook's) is used as it is.
 """
 
 from __future__ import annotations
@@ -77,19 +79,70 @@ def connected(address: str | None, what: str, *modules: str) -> Iterator:
         yield ray
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        check_reachable(address)
     try:
-        # no dashboard for a cluster of our own: it costs seconds and processes on a small machine
-        ray.init(address=address, include_dashboard=False if address is None else None,
-                 logging_level=logging.ERROR, log_to_driver=False)
+        if address is None:  # no dashboard for a cluster of our own: it costs seconds and processes
+            ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+        else:
+            check_reachable(address)
+            # something that accepts the connection may still not be a cluster (a proxy, another
+            # service): Ray then retries for 20 s, logging each try; give it a few seconds, quietly
+            with _environ("RAY_gcs_server_port_wait_time_s", str(int(CONNECT_TIMEOUT))), _stderr_muted():
+                ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = f"--ray-address {address}" if address else "starting a local Ray cluster"
-        raise ToolboxError(f"{where}: {first_line(exc)}") from None
+        why = _root_cause(exc)
+        raise ToolboxError(f"{where}: {first_line(exc)}{f' ({why})' if why else ''}") from None
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+@contextmanager
+def _environ(name: str, value: str) -> Iterator[None]:
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
+@contextmanager
+def _stderr_muted() -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the duration: Ray's C++ core logs each retry there, below Python."""
+    import sys
+
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def _root_cause(exc: BaseException) -> str | None:
+    """What the cluster said, from the innermost exception Ray chained (its last line, first sentence):
+    an authentication token missing, a service that is not Ray, ..."""
+    inner = exc
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
+    if inner is exc:
+        return None
+    lines = [line.strip() for line in str(inner).splitlines() if line.strip()]
+    if not lines:
+        return None
+    why = lines[-1].split(". ")[0].rstrip(".")
+    why = why.split(": ", 1)[1] if why.startswith("ray.exceptions.") else why
+    if "AuthToken" in why:
+        why += "; for a cluster with token authentication set RAY_AUTH_MODE=token and provide its token"
+    return why
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,6 +13,7 @@ KubeRay RayService config), see docs/scale.md.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -64,20 +65,18 @@ class Replica:
     replica only counts as started, and only gets requests, once its model is loaded.
     """
 
-    def __init__(self, choice, settings, threads: int | None):
+    async def __init__(self, choice, settings, threads: int | None):
+        import asyncio
         from dataclasses import replace
 
-        from toolbox.serving.app import create_app
-        from toolbox.serving.worker import load_in_process
-        from toolbox.types import LoadOptions
+        from ray import serve
 
-        choice = replace(choice, threads=choice.threads or threads)
-        if settings.model_process:
-            options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
-            model = load_in_process(choice.model, choice.revision, choice.backend, options, settings.engine_nice)
-        else:
-            model = choice.load()
+        from toolbox.serving.app import create_app
+
+        # loading takes seconds to minutes: on a thread, so the replica keeps answering Ray meanwhile
+        model = await asyncio.to_thread(_load, replace(choice, threads=choice.threads or threads), settings)
         self._app = create_app(model, settings)
+        self._app.add_middleware(ReplicaHeader, replica=serve.get_replica_context().replica_tag)
 
     def __serve_build_asgi_app__(self):
         return self._app
@@ -88,6 +87,36 @@ class Replica:
         state = self._app.state.server
         if state.current_status() == "failed":
             raise RuntimeError(f"the model failed: {state.error}")
+
+
+def _load(choice, settings):
+    """The replica's model: in a process of its own (`--model-process`) or in the replica's."""
+    if not settings.model_process:
+        return choice.load()
+    from toolbox.serving.worker import load_in_process
+    from toolbox.types import LoadOptions
+
+    options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
+    return load_in_process(choice.model, choice.revision, choice.backend, options, settings.engine_nice)
+
+
+class ReplicaHeader:
+    """ASGI layer naming the replica that answered in each response (`x-toolbox-replica`), to tell
+    replicas apart in logs, load tests and bug reports."""
+
+    def __init__(self, app, replica: str):
+        self.app, self.header = app, (b"x-toolbox-replica", replica.encode("ascii", "replace"))
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), self.header]}
+            await send(message)
+
+        await self.app(scope, receive, send_named)
 
 
 def application(choice, settings, scale: Scale, cluster_gpus: float = 0.0):
@@ -115,7 +144,9 @@ def application(choice, settings, scale: Scale, cluster_gpus: float = 0.0):
 def build(args: dict):
     """The application for Ray's tools: `serve run toolbox.ray.serve:build model=sft replicas=2`, or a
     RayService's `import_path` with `args` (model, backend, dtype, device, threads, revision,
-    replicas, autoscale "MIN:MAX", api_key, served_model_name, max_batch_size, max_queue)."""
+    replicas, autoscale "MIN:MAX", api_key, served_model_name, max_batch_size, max_queue,
+    shutdown_timeout, model_process). Without api_key, $TOOLBOX_API_KEY where the app is built
+    (a secret in the pods' environment) sets it."""
     from toolbox.commands.options import ModelChoice
     from toolbox.serving.state import Settings
 
@@ -136,7 +167,8 @@ def build(args: dict):
                          args.get("dtype"), threads)
     defaults = Settings()
     model_process = str(args.get("model_process", "true")).lower() not in ("0", "false", "no")
-    settings = Settings(served_model_name=args.get("served_model_name"), api_key=args.get("api_key"),
+    settings = Settings(served_model_name=args.get("served_model_name"),
+                        api_key=args.get("api_key") or os.environ.get("TOOLBOX_API_KEY") or None,
                         max_batch_size=number("max_batch_size", defaults.max_batch_size),
                         max_queue=number("max_queue", defaults.max_queue),
                         shutdown_timeout=float(args.get("shutdown_timeout", defaults.shutdown_timeout)),
@@ -193,14 +225,13 @@ def wait_for_signal() -> None:
             signal.signal(sig, handler)
 
 
-
 def from_cli(use_ray: bool, choice, *, host: str, port: int, replicas: int | None, autoscale: str | None,
              address: str | None, api_key, served_model_name, max_batch_size, max_queue, shutdown_timeout,
              root_path, model_process, engine_nice, log_level, access_log) -> None:
     """`toolbox serve` with a Ray option: check the combination, then `run`."""
     import click
 
-    from toolbox.commands.serve import _loopback
+    from toolbox.serving.network import check_port, loopback
     from toolbox.serving.state import Settings
 
     if not use_ray:
@@ -208,9 +239,11 @@ def from_cli(use_ray: bool, choice, *, host: str, port: int, replicas: int | Non
     if replicas is not None and autoscale is not None:
         raise click.UsageError("--replicas and --autoscale: give one (a fixed count, or a range)")
     scale = Scale(replicas or 1, parse_autoscale(autoscale) if autoscale else None)
-    if not _loopback(host) and not api_key:
+    if not loopback(host) and not api_key:
         click.echo(f"warning: serving on {host} without --api-key: anyone who can reach it can use it", err=True)
     settings = Settings(served_model_name=served_model_name, api_key=api_key or None, max_batch_size=max_batch_size,
                         max_queue=max_queue, shutdown_timeout=shutdown_timeout, engine_nice=engine_nice,
                         model_process=model_process)
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        check_port(host, port)  # Ray's proxy takes the port on this machine: a clear error now, not a failed deploy
     run(choice, settings, scale, host, port, address, root_path, log_level, access_log)
