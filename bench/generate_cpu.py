@@ -6,17 +6,18 @@ Decode tokens/s is decode alone: the time for N new tokens less the time for the
 first (the prompt's prefill and one sample), best of --runs each; --prompt-tokens sets
 the prompt it decodes after (capped to fit the model's context):
 
-- the embedded model: `cpu` fp32, eager and compiled (TOOLBOX_CPU_COMPILE=1; the
-  load time includes compiling), vs transformers fp32 (decode tokens/s);
-- shape S (hidden 1024, 8 layers, 8 heads, intermediate 4096, vocab 32000), random
-  weights: `cpu` fp32/bf16 (bf16 also compiled) and `quant` int8 vs transformers fp32/bf16/int8
+- the embedded model: `cpu` fp32, eager and compiled (`-o compile=1`; the load time
+  includes compiling), vs transformers fp32 (decode tokens/s);
+- shape S (hidden 1024, 8 layers, 16 heads, intermediate 4096, vocab 32000, the shape
+  llama.cpp's figures in ../shared/tools/README.md are for), random weights: `cpu`
+  fp32/bf16 (bf16 also compiled) and `quant` int8/int4 vs transformers fp32/bf16/int8
   (`quantize_dynamic`): decode tokens/s, prompt processing (512 tokens) tokens/s and
-  peak RSS. `quant` runs twice: the first load quantizes the fp16 checkpoint and writes
-  the quantized-weight cache (a fresh one in a temporary directory), the second loads
-  from that cache, as every later run does.
+  peak RSS. `quant` runs twice per scheme: the first load quantizes the fp16 checkpoint
+  and writes the quantized-weight cache (a fresh one in a temporary directory), the
+  second loads from that cache, as every later run does.
 
-llama.cpp is not built here; its figures on the same shape and machine class are
-quoted from ../shared/reference/measurements.md for comparison.
+llama.cpp side by side, on the same weights: bench/llamacpp.py (it uses this script's
+child mode for the toolbox's side).
 
     python bench/generate_cpu.py [--threads 2] [--runs 3] [--new-tokens 64] [--prompt-tokens 16] [--quick]
 
@@ -37,16 +38,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "toolbox" / "data" / "embedded"
-SHAPE_S = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, intermediate_size=4096, vocab_size=32000)
-LLAMA_CPP = {  # measurements.md, shape S, 2 cores: tg tokens/s, pp512 tokens/s, peak RSS GB
-    "f32": (50, 55, 726, 747, 0.67),
-    "bf16": (152, 162, 1128, 1141, 0.35),
-    "q8_0": (171, 200, 900, 900, 0.20),
-    "q4_0": (305, 325, 1058, 1148, 0.18),
-}
-COMPILED = {"TOOLBOX_CPU_COMPILE": "1"}
+SHAPE_S = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=4096,
+               vocab_size=32000)
+COMPILED = {"compile": "1"}
 CONFIGS = [
-    # (name, model, engine, dtype, environment)
+    # (name, model, engine, dtype, backend options)
     ("embedded ours fp32", "embedded", "cpu", "float32", {}),
     ("embedded ours fp32, compiled", "embedded", "cpu", "float32", COMPILED),
     ("embedded transformers fp32", "embedded", "hf", "float32", {}),
@@ -57,7 +53,11 @@ CONFIGS = [
     ("S transformers bf16", "S", "hf", "bfloat16", {}),
     ("S ours int8 (quant), first load", "S", "quant", "int8", {}),  # quantizes, writes the cache
     ("S ours int8 (quant)", "S", "quant", "int8", {}),  # from the quantized-weight cache, as every later run
+    ("S ours int8 (quant), compiled", "S", "quant", "int8", COMPILED),
     ("S transformers int8 (quantize_dynamic)", "S", "hf", "int8", {}),
+    ("S ours int4 (quant), first load", "S", "quant", "int4", {}),
+    ("S ours int4 (quant)", "S", "quant", "int4", {}),
+    ("S ours int4 (quant), compiled", "S", "quant", "int4", COMPILED),
 ]
 
 
@@ -114,7 +114,8 @@ def _ours(args):
     from toolbox.backend import GenerationParams, LoadOptions
     from toolbox.backends import pick as pick_backend
 
-    model = pick_backend(args.engine).load(Path(args.model_dir), LoadOptions(dtype=args.dtype, threads=args.threads))
+    options = LoadOptions(dtype=args.dtype, threads=args.threads, extra=json.loads(args.options))
+    model = pick_backend(args.engine).load(Path(args.model_dir), options)
     def generate(prompt, n):
         for _ in model.generate_tokens([prompt], GenerationParams(max_new_tokens=n, min_new_tokens=n, temperature=0.0)):
             pass
@@ -146,11 +147,18 @@ def _hf(args):
     return generate, prefill
 
 
-def run_config(name, model_dir, engine, dtype, environment, args, cache_dir: Path) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--engine", engine, "--dtype", dtype,
-           "--threads", str(args.threads), "--runs", str(args.runs), "--new-tokens", str(args.new_tokens),
-           "--prompt-tokens", str(args.prompt_tokens)]
-    env = {**os.environ, "TOOLBOX_CACHE": str(cache_dir), **environment}
+def child_command(model_dir, engine, dtype, options: dict, threads: int, runs: int, new_tokens: int,
+                  prompt_tokens: int) -> list[str]:
+    """The command line measuring one configuration in a child process (its last stdout line is JSON)."""
+    return [sys.executable, __file__, "--child", "--model-dir", str(model_dir), "--engine", engine, "--dtype", dtype,
+            "--options", json.dumps(options), "--threads", str(threads), "--runs", str(runs),
+            "--new-tokens", str(new_tokens), "--prompt-tokens", str(prompt_tokens)]
+
+
+def run_config(name, model_dir, engine, dtype, options, args, cache_dir: Path) -> dict:
+    cmd = child_command(model_dir, engine, dtype, options, args.threads, args.runs, args.new_tokens,
+                        args.prompt_tokens)
+    env = {**os.environ, "TOOLBOX_CACHE": str(cache_dir)}
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{name:42s} decode {result['decode_tokens_per_s']:8.1f} tok/s   prompt {result['prompt_tokens_per_s']:8.1f} tok/s"
@@ -170,6 +178,7 @@ def main() -> None:
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(args)))
@@ -181,9 +190,9 @@ def main() -> None:
         configs = [c for c in CONFIGS if c[1] == "embedded" or not args.quick]
         if not args.quick:
             build_shape_s(shape_s)
-        for name, model, engine, dtype, environment in configs:
+        for name, model, engine, dtype, options in configs:
             model_dir = EMBEDDED if model == "embedded" else shape_s
-            results[name] = run_config(name, model_dir, engine, dtype, environment, args, Path(tmp) / "cache")
+            results[name] = run_config(name, model_dir, engine, dtype, options, args, Path(tmp) / "cache")
 
     def ratio(a, b, key="decode_tokens_per_s"):
         return round(results[a][key] / results[b][key], 2) if a in results and b in results else None
@@ -195,14 +204,18 @@ def main() -> None:
         "S bf16 decode, ours / transformers": ratio("S ours bf16", "S transformers bf16"),
         "S bf16 decode compiled, ours / transformers": ratio("S ours bf16, compiled", "S transformers bf16"),
         "S int8 decode, ours / transformers": ratio("S ours int8 (quant)", "S transformers int8 (quantize_dynamic)"),
+        "S int8 decode compiled, ours / transformers": ratio("S ours int8 (quant), compiled",
+                                                             "S transformers int8 (quantize_dynamic)"),
         "S bf16 prompt, ours / transformers": ratio("S ours bf16", "S transformers bf16", "prompt_tokens_per_s"),
         "S int8 peak RSS / fp32 peak RSS": ratio("S ours int8 (quant)", "S ours fp32", "peak_rss_mb"),
-        "same, first load (quantizing)": ratio("S ours int8 (quant), first load", "S ours fp32", "peak_rss_mb"),
+        "S int8 first load (quantizing) peak RSS / fp32": ratio("S ours int8 (quant), first load", "S ours fp32",
+                                                                 "peak_rss_mb"),
+        "S int4 peak RSS / fp32 peak RSS": ratio("S ours int4 (quant)", "S ours fp32", "peak_rss_mb"),
+        "S int4 first load (quantizing) peak RSS / fp32": ratio("S ours int4 (quant), first load", "S ours fp32",
+                                                                 "peak_rss_mb"),
     }
     for key, value in summary.items():
         print(f"{key:45s} {value}")
-    print("llama.cpp (measurements.md, same shape, 2 cores): " + ", ".join(
-        f"{k} tg {v[0]}-{v[1]} pp {v[2]}-{v[3]} RSS {v[4]} GB" for k, v in LLAMA_CPP.items()))
     name = "generate_cpu" + ("_embedded" if args.quick else "") + (
         f"_prompt{args.prompt_tokens}" if args.prompt_tokens != 16 else "")
     out = ROOT / "bench" / "results" / f"{name}.json"
@@ -210,8 +223,8 @@ def main() -> None:
     out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": args.threads},
-        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "runs": args.runs, "results": results, "ratios": summary,
-        "llama_cpp_reference": LLAMA_CPP,
+        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "runs": args.runs, "results": results,
+        "ratios": summary,
     }, indent=2) + "\n")
 
 

@@ -253,7 +253,7 @@ def random_hf(shape: dict, dtype, device, seed=0, init=0.02):
     hf.eval().requires_grad_(False)
     if init != 0.02:  # make sure the init took (some versions initialise lazily)
         with torch.no_grad():
-            for name, p in hf.named_parameters():
+            for p in hf.parameters():
                 if p.dim() >= 2:
                     p.normal_(0, init)
                 else:
@@ -637,8 +637,9 @@ def _decode_logits(b: Bench, module, prompts, decoder, n):
 
 def quant_cache_roundtrip(b: Bench, state: dict):
     """Quantize the parity-size model, save it in the quant backend's cache format, reload, compare."""
-    import toolbox.runtime.quant as toolbox_quant
     import torch
+
+    import toolbox.runtime.quant as toolbox_quant
 
     shape = b.plan.parity_shape
     hf = random_hf(shape, torch.float32 if b.dev.type == "cpu" else torch.bfloat16, b.dev, seed=2, init=0.05)

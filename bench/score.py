@@ -43,15 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
     sys.path[0] = str(ROOT)
 
-import argparse
-import datetime
-import json
-import os
-import platform
-import shutil
-import tempfile
-import time
-from importlib.metadata import PackageNotFoundError, version
+import argparse  # noqa: E402 - after the sys.path fix above
+import datetime  # noqa: E402 - after the sys.path fix above
+import json  # noqa: E402 - after the sys.path fix above
+import os  # noqa: E402 - after the sys.path fix above
+import platform  # noqa: E402 - after the sys.path fix above
+import shutil  # noqa: E402 - after the sys.path fix above
+import tempfile  # noqa: E402 - after the sys.path fix above
+import time  # noqa: E402 - after the sys.path fix above
+from importlib.metadata import PackageNotFoundError, version  # noqa: E402 - after the sys.path fix above
 
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "wagahaiwa_nekodearu.txt"
 EMBEDDED = ROOT / "toolbox" / "data" / "embedded"
@@ -254,8 +254,8 @@ def gpu_main(args) -> dict:
         raise SystemExit(2)
     from transformers import GPTNeoXForCausalLM
 
-    from toolbox.registry import EMBEDDED_DIR
     from toolbox.config import NeoXConfig
+    from toolbox.registry import EMBEDDED_DIR
     from toolbox.runtime.loaded import RuntimeModel
     from toolbox.runtime.model import GPTNeoX
     from toolbox.scoring import plan_windows

@@ -222,7 +222,6 @@ def main() -> None:
 
     proc = engine = None
     if args.engine:
-        from toolbox.backend import LoadOptions
         from toolbox.api import load
         from toolbox.serving.engine import Engine
 
@@ -269,8 +268,8 @@ def main() -> None:
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
-        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "model_process", "client", "duration", "warmup", "max_tokens",
-                                                   "max_batch_size", "repeat", "engine")},
+        "settings": {k: getattr(args, k) for k in ("model", "backend", "threads", "model_process", "client", "duration",
+                                                   "warmup", "max_tokens", "max_batch_size", "repeat", "engine")},
         "load_average_after": os.getloadavg(),
         "levels": rows,
         "checks": checks,

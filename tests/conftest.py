@@ -71,7 +71,8 @@ def _clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"TOOLBOX_MODEL", "TOOLBOX_PLUGINS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED"}
+        if k not in {"TOOLBOX_MODEL", "TOOLBOX_PLUGINS", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HUB_OFFLINE",
+                     "PYTHONUNBUFFERED"}
     }
     path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.update(PYTHONPATH=path, PYTHONIOENCODING="utf-8", COLUMNS="250", **extra)
@@ -194,7 +195,8 @@ def run_toolbox():
     return _run
 
 
-def fake_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path], commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
+def fake_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path],
+                   commit: str = "0123456789abcdef" * 2 + "01234567") -> Path:
     """Lay out huggingface_hub's cache by hand, as a finished download would leave it.
 
     <HF_HOME>/hub/models--<owner>--<name>/{refs/main, snapshots/<commit>/<files>}; real
@@ -240,6 +242,7 @@ def neox3(tmp_path_factory):
     """A random fp32 GPT-NeoX of 3 layers (runtime_fixtures' shape): greedy output stays
     varied for 128 tokens (see test_runtime_generation)."""
     from runtime_fixtures import build_hf, save
+
     from toolbox.runtime.model import GPTNeoX
 
     return GPTNeoX.from_pretrained(save(build_hf(num_hidden_layers=3), tmp_path_factory.mktemp("ckpt")))

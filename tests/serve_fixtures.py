@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import httpx
-
 from conftest import REPO, _clean_env
+
 from toolbox.registry import EMBEDDED_DIR
 
 API_KEY = "test-key-0123456789"

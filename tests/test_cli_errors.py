@@ -16,8 +16,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import REPO, _clean_env
+
 from toolbox.cli import cli
 
 

@@ -16,7 +16,6 @@ import unicodedata
 from collections import Counter
 
 import pytest
-
 from conftest import EMBEDDED_MODEL, REPO, SAMPLE_BYTES, SAMPLE_LINES, SAMPLE_TEXT, _clean_env, fake_hub_cache
 
 SERIES = {

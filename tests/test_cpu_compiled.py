@@ -1,9 +1,12 @@
-"""The `cpu` backend's compiled decode step (TOOLBOX_CPU_COMPILE) against transformers.
+"""The CPU backends' compiled decode step (`-o compile`, TOOLBOX_CPU_COMPILE) against transformers
+and against the eager step.
 
-Compiling takes seconds to tens of seconds (inductor autotunes each matrix product),
-so one model is compiled for the module, at batch 1.
+Compiling takes seconds to tens of seconds (inductor), so each compiled model is built
+once for the module: the embedded model in float32 (inductor's autotuned GEMMs, as a small
+float32 model gets) and in int4 (the eager kernels as opaque operators).
 """
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,12 @@ EMBEDDED = Path(__file__).resolve().parent.parent / "toolbox" / "data" / "embedd
 NEW = 40
 
 
+def _greedy(model, prompts, new=NEW):
+    events = [e for step in model.generate_tokens(prompts, GenerationParams(
+        max_new_tokens=new, min_new_tokens=new, temperature=0.0)) for e in step]
+    return events
+
+
 @pytest.fixture(scope="module")
 def compiled():
     model = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
@@ -24,12 +33,20 @@ def compiled():
     return model
 
 
+@pytest.fixture(scope="module")
+def compiled_int4(tmp_path_factory):
+    options = {"compile": "1", "quant_cache": "0"}
+    model = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype="int4", threads=2, extra=options,
+                                                            workload="generate"))
+    eager = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype="int4", threads=2, extra={"compile": "0"}))
+    return model, eager
+
+
 def test_compiled_greedy_tokens_and_logprobs_equal_transformers(compiled):
     from transformers import GPTNeoXForCausalLM
 
     prompt = compiled.tokenizer.encode("吾輩は猫である。名前はまだ無い。")
-    events = [e for step in compiled.generate_tokens([prompt], GenerationParams(
-        max_new_tokens=NEW, min_new_tokens=NEW, temperature=0.0)) for e in step]
+    events = _greedy(compiled, [prompt])
     ours = [e.token_id for e in events]
 
     hf = GPTNeoXForCausalLM.from_pretrained(EMBEDDED, dtype=torch.float32).eval()
@@ -42,7 +59,78 @@ def test_compiled_greedy_tokens_and_logprobs_equal_transformers(compiled):
     assert max(abs(e.logprob - r) for e, r in zip(events, ref)) < 1e-4
 
 
-def test_a_bad_compile_setting_is_a_one_line_error(monkeypatch):
+def test_nothing_recompiles_for_new_prompt_lengths_and_cache_sizes(compiled):
+    """The step was compiled at load on a cache of 5 slots; longer prompts, longer runs and a
+    second generation (a cache of another size) must reuse that graph."""
+    import torch._dynamo
+
+    tok = compiled.tokenizer
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _greedy(compiled, [tok.encode("吾輩は猫である。" * 20)], new=70)  # crosses 64 and 128 slots
+        _greedy(compiled, [tok.encode("猫")], new=5)
+
+
+def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_int4):
+    """Compiled at load for one row and for several (a long run of generation): batches, the
+    continuous batcher and a span past 64 slots (the 16-bit attention rounds it) reuse those graphs."""
+    import torch._dynamo
+
+    from toolbox.batching import SequenceRequest
+
+    model, eager = compiled_int4
+    tok = model.tokenizer
+    prompts = [tok.encode("吾輩は猫である。"), tok.encode("名前はまだ無い。どこで生れたか")]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        a, b = _greedy(model, prompts, new=12), _greedy(eager, prompts, new=12)
+        _greedy(model, [tok.encode("吾輩は猫である。" * 12)], new=40)
+    assert [e.token_id for e in a] == [e.token_id for e in b]
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 0.05  # bf16 fused vs eager
+
+    out = {}
+    for m in (model, eager):
+        batcher = m.batcher(4)
+        for i, p in enumerate(prompts):
+            batcher.add(SequenceRequest(i, p, GenerationParams(max_new_tokens=10, min_new_tokens=10,
+                                                               temperature=0.0)))
+        tokens = {0: [], 1: []}
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            while batcher.pending():
+                for e in batcher.step():
+                    tokens[e.seq].append(e.token_id)
+        out[m is model] = tokens
+    assert out[True] == out[False]
+
+
+def test_compile_auto_follows_the_workload_and_bad_settings_are_one_line_errors(monkeypatch):
+    from toolbox.backends.cpu import compile_wanted
+
+    cpu = pick_backend("cpu")
+    monkeypatch.delenv("TOOLBOX_CPU_COMPILE", raising=False)
+    assert not compile_wanted(cpu, LoadOptions())  # one-shot commands stay eager
+    assert compile_wanted(cpu, LoadOptions(workload="generate"))
+    assert not compile_wanted(cpu, LoadOptions(workload="score"))
+    assert not compile_wanted(cpu, LoadOptions(workload="generate", extra={"compile": "0"}))
+    assert compile_wanted(cpu, LoadOptions(extra={"compile": True}))
+    monkeypatch.setenv("TOOLBOX_CPU_COMPILE", "1")
+    assert compile_wanted(cpu, LoadOptions())
+    assert not compile_wanted(cpu, LoadOptions(extra={"compile": "off"}))  # the option wins over the environment
     monkeypatch.setenv("TOOLBOX_CPU_COMPILE", "maybe")
-    with pytest.raises(ToolboxError, match="TOOLBOX_CPU_COMPILE: expected a boolean"):
-        pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=1))
+    with pytest.raises(ToolboxError, match="TOOLBOX_CPU_COMPILE: expected auto, 1 or 0"):
+        cpu.load(EMBEDDED, LoadOptions(threads=1))
+    with pytest.raises(ToolboxError, match="option compile: expected auto, 1 or 0"):
+        pick_backend("quant").load(EMBEDDED, LoadOptions(threads=1, extra={"compile": "x"}))
+
+
+def test_eager_loading_does_not_import_the_compiler():
+    """torch._dynamo costs about a second and 66 MB to import: the eager path must not need it."""
+    import subprocess
+
+    code = ("import sys; from pathlib import Path; from toolbox.backend import LoadOptions, GenerationParams; "
+            f"from toolbox.backends import pick; e = Path({str(EMBEDDED)!r}); "
+            "m = pick('quant').load(e, LoadOptions(dtype='int4', extra={'quant_cache': '0'})); "
+            "list(m.generate_tokens([[5, 6]], GenerationParams(max_new_tokens=3))); "
+            "m = pick('cpu').load(e, LoadOptions()); "
+            "list(m.generate_tokens([[5, 6]], GenerationParams(max_new_tokens=3))); "
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -13,8 +13,8 @@ import sys
 import threading
 
 import pytest
-
 from conftest import REPO, SAMPLE_LINES, _clean_env
+
 from toolbox.errors import ToolboxError
 from toolbox.forkpool import BULK, ForkPool, ordered_map
 

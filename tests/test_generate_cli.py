@@ -17,7 +17,6 @@ from runtime_fixtures import TINY_CONTEXT as CONTEXT
 from toolbox.cli import cli
 
 
-
 def run(args, input=None):
     return CliRunner().invoke(cli, args, input=input, catch_exceptions=False)
 

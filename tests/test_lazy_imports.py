@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, _clean_env
 
 HEAVY = ("torch", "transformers")

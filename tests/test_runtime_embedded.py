@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from runtime_fixtures import rel_err
+
 from toolbox.runtime.generation import Generation, score
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from runtime_fixtures import EOS, build_hf, save
+
 from toolbox.runtime.generation import Generation, score
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.sampling import SamplingParams

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from runtime_fixtures import build_hf, rel_err, save
+
 from toolbox.config import NeoXConfig
 from toolbox.runtime.model import GPTNeoX
 from toolbox.runtime.weights import find_weight_files

@@ -12,8 +12,13 @@ def _logits(seed=0, B=4, V=300):
 
 
 def _hf_chain(params, input_ids):
-    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopKLogitsWarper, TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     procs = []
     if params.repetition_penalty != 1.0:

@@ -273,7 +273,8 @@ def test_builtin_backends_agree_with_cpu_float32(tiny_checkpoint, sp):
 
 def test_default_score_from_of_a_plugin_backend(tiny_checkpoint, sp):
     """A backend that implements only `score` (the example plugin) gets `score_from` by slicing."""
-    spec = importlib.util.spec_from_file_location("toolbox_hf_example", HERE.parent / "plugins" / "example" / "toolbox_hf_example.py")
+    path = HERE.parent / "plugins" / "example" / "toolbox_hf_example.py"
+    spec = importlib.util.spec_from_file_location("toolbox_hf_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     plugin = module.HFBackend().load(tiny_checkpoint, LoadOptions())

@@ -123,7 +123,6 @@ def test_health_is_503_until_the_model_is_loaded(model, keep_torch_threads):
     """In-process uvicorn on a real socket: /health and the API answer 503 until attach()."""
     import uvicorn
 
-    from toolbox.backend import LoadOptions
     from toolbox.api import load
     from toolbox.serving.app import Settings, create_app
 
@@ -296,9 +295,9 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
     """The engine drives any backend's batcher: the generic StaticBatcher gives the same greedy tokens."""
     from dataclasses import replace
 
-    from toolbox.backend import GenerationParams, LoadOptions
-    from toolbox.batching import StaticBatcher
     from toolbox.api import load
+    from toolbox.backend import GenerationParams
+    from toolbox.batching import StaticBatcher
     from toolbox.serving.engine import Engine, SequenceSpec
 
     loaded = load(model[0], "cpu", threads=1)
@@ -317,7 +316,9 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
         subs = [engine.submit([SequenceSpec(p, params)]) for p in prompts]
         first = await leaving.queue.get()
         leaving.cancel()
-        out = [[o.token_id async for o in sub.outputs()] for sub in subs]
+        out = []
+        for sub in subs:
+            out.append([o.token_id async for o in sub.outputs()])
         return first, out
 
     results = {}
@@ -334,7 +335,6 @@ def test_engine_with_the_generic_static_batcher(model, keep_torch_threads):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread CPU priorities are Linux's")
 def test_engine_thread_runs_below_the_http_thread(model, keep_torch_threads):
     """--engine-nice: the model's thread yields the CPU to request handling under load."""
-    from toolbox.backend import LoadOptions
     from toolbox.api import load
     from toolbox.serving.engine import Engine
 
@@ -344,7 +344,7 @@ def test_engine_thread_runs_below_the_http_thread(model, keep_torch_threads):
         engine = Engine(loaded.loaded, 2, 2, nice=nice)
         engine.start()
 
-        async def engine_priority():
+        async def engine_priority(engine=engine):
             return await engine.call(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
         assert asyncio.run(engine_priority()) == want

@@ -70,7 +70,7 @@ def test_extreme_sampling_values_never_hurt_other_requests(app):
         requests.append(("/v1/completions", {"prompt": PROMPT, "max_tokens": 16, "stream": bool(i % 2), **poison}))
         requests.append(("/v1/completions", healthy))
     responses = post_all(app, requests)
-    for (path, body), r in zip(requests, responses):
+    for (_, body), r in zip(requests, responses):
         assert r.status_code in (200, 400), (body, r.text)
         if body is healthy:
             text, errors = texts_of_stream(r.text)
@@ -130,7 +130,7 @@ def test_request_errors_name_the_field(app):
     score = [({"input_data": {"input_string": ["a"]}, "params": {"max_new_tokens": 2}}, "params")]
     requests = ([("/v1/completions", b) for b, _ in cases] + [("/v1/chat/completions", b) for b, _ in chat]
                 + [("/score", b) for b, _ in score])
-    for (path, body), r, field in zip(requests, post_all(app, requests), [f for _, f in cases + chat + score]):
+    for (_, body), r, field in zip(requests, post_all(app, requests), [f for _, f in cases + chat + score]):
         assert r.status_code == 400, (body, r.text)
         assert r.json()["error"]["param"] == field, r.text
     # a harmless response_format is fine

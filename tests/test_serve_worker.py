@@ -11,11 +11,11 @@ import signal
 
 import pytest
 
-from toolbox.backend import GenerationParams, LoadOptions
-from toolbox.types import SequenceRequest
-from toolbox.errors import ToolboxError
 from toolbox.api import load
+from toolbox.backend import GenerationParams, LoadOptions
+from toolbox.errors import ToolboxError
 from toolbox.serving.worker import WorkerError, WorkerModel
+from toolbox.types import SequenceRequest
 
 GREEDY = GenerationParams(max_new_tokens=12, temperature=0.0)
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import SAMPLE_TEXT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import SAMPLE_TEXT
 from toolbox.errors import ToolboxError
 from toolbox.tokenizer import Tokenizer
 

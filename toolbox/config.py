@@ -46,7 +46,7 @@ class NeoXConfig:
         return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "NeoXConfig":
+    def from_dict(cls, d: dict, source: str = "config") -> NeoXConfig:
         """Build from a parsed config.json; ``source`` names the file in error messages."""
 
         def need(key):
@@ -97,7 +97,7 @@ class NeoXConfig:
         )
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "NeoXConfig":
+    def from_dir(cls, path: str | Path) -> NeoXConfig:
         """Read ``<path>/config.json`` (``path`` may also be the file itself)."""
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path

@@ -154,11 +154,11 @@ def _serve(fn, requests, replies) -> None:
     while (payload := _read(requests)) is not None:
         try:
             reply = (True, fn(pickle.loads(payload)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure goes back to the caller
             reply = (False, exc)
         try:
             data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-        except Exception:  # an exception that does not pickle
+        except Exception:  # noqa: BLE001 - an exception that does not pickle
             data = pickle.dumps((False, RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}")))
         _write(replies, data)
 

@@ -34,7 +34,7 @@ def manager() -> pluggy.PluginManager:
         if (allow is None or ep.name in allow) and pm.get_plugin(ep.name) is None:
             try:
                 pm.register(ep.load(), ep.name)
-            except Exception as exc:  # a broken plugin must not take the whole CLI down
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not take the whole CLI down
                 print(f"toolbox: plugin {ep.name!r} failed to load and is skipped: {exc}", file=sys.stderr)
     return pm
 

@@ -135,7 +135,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
             for item in items:
                 ready.put((item, None))
             ready.put((_END, None))
-        except BaseException as exc:  # handed to the consumer, raised in its thread
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised in its thread
             ready.put((_END, exc))
 
     threading.Thread(target=produce, daemon=True).start()

@@ -17,13 +17,17 @@ class LoadOptions:
     """How to load: device ("cpu", "cuda", "cuda:1"), dtype name, CPU threads, backend options.
 
     `extra` holds the backend's own options by name (`-o KEY=VALUE` on the command line,
-    `options={...}` in `toolbox.load`); see `Backend.options`.
+    `options={...}` in `toolbox.load`); see `Backend.options`. `workload` is the caller's
+    hint of what follows: "short" (one-shot commands), "generate" (long runs of generation:
+    serve, batch files, eval's generation tasks), "score" (scoring files, log-likelihoods);
+    a backend may spend seconds at load (compiling) where the run will earn them back.
     """
 
     device: str | None = None
     dtype: str | None = None
     threads: int | None = None
     extra: dict = field(default_factory=dict)
+    workload: str = "short"
 
 
 @dataclass(frozen=True)

@@ -1,62 +1,93 @@
 """Built-in backend `cpu`: the shared runtime on the CPU in float32 or bfloat16.
 
-Option ``compile`` (``-o compile=1``, env ``TOOLBOX_CPU_COMPILE``; default off): decode
-through a step compiled by inductor (`toolbox.runtime.cpu.compiled_decode`), compiled
-while loading. It pays off on long generations: see docs/generate.md.
+Option ``compile`` (``-o compile=auto|1|0``, env ``TOOLBOX_CPU_COMPILE``; default auto):
+decode through a step compiled by inductor (`toolbox.runtime.cpu.CompiledDecode`),
+compiled while loading. ``auto`` compiles when the caller says a long run of generation
+follows (``LoadOptions.workload == "generate"``: serve, batch files), where the seconds of
+compiling are earned back; one-shot commands stay eager. See docs/generate.md.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import time
 from pathlib import Path
 
 from toolbox.backend import Backend, BackendOption
 from toolbox.hookspecs import hookimpl
-from toolbox.types import GenerationParams, LoadOptions
+from toolbox.types import LoadOptions
+
+COMPILE_ENV = "TOOLBOX_CPU_COMPILE"
 
 
 class CPUBackend(Backend):
     name = "cpu"
     description = "PyTorch on the CPU (float32, bfloat16); --threads sets the thread count"
     options = (
-        BackendOption("compile", "compile the decode step with inductor while loading (pays off on long runs)",
-                      "TOOLBOX_CPU_COMPILE", "0"),
+        BackendOption("compile", "compile the decode step with inductor while loading: auto (for long runs of "
+                      "generation), 1 or 0", COMPILE_ENV, "auto"),
     )
 
     def load(self, checkpoint: Path, options: LoadOptions):
         import torch
 
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.cpu import compiled_decode, pack_linears
-        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer, load_module, torch_dtype
+        from toolbox.runtime.cpu import CompiledDecode, pack_linears
+        from toolbox.runtime.loaded import checkpoint_tokenizer, load_module, torch_dtype
 
         if options.device not in (None, "cpu"):
             raise ToolboxError(f"the cpu backend runs on the CPU, not {options.device!r}")
         dtype = torch_dtype(options.dtype or "float32", ("float32", "bfloat16"))
-        compiled = self.flag(options, "compile")
+        compiled = compile_wanted(self, options)
         if options.threads:
             torch.set_num_threads(options.threads)
         module = load_module(checkpoint, "cpu", dtype)
-        if not compiled:  # inductor packs the weights itself, and better
+        if not (compiled and CompiledDecode.autotune_pays(module)):  # else inductor packs them its own way
             pack_linears(module)
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "compiled": compiled}
-        model = RuntimeModel(module, checkpoint_tokenizer(checkpoint), info,
-                             decode_fn=compiled_decode(module) if compiled else None)
-        if compiled:
-            _compile_now(model)
-        return model
+        return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options)
 
 
-def _compile_now(model) -> None:
-    """Run a short generation so that the decode step compiles while loading (errors surface here)."""
+def compile_wanted(backend: Backend, options: LoadOptions, env: str = COMPILE_ENV) -> bool:
+    """The ``compile`` option on the CPU: auto, 1 or 0 (the option, else ``env``, else auto)."""
     from toolbox.errors import ToolboxError
 
+    value, source = options.extra.get("compile"), "option compile"
+    if value is None and os.environ.get(env, "") != "":
+        value, source = os.environ[env], env
+    if isinstance(value, bool):
+        return value
+    v = str(value if value is not None else "auto").strip().lower()
+    if v == "auto":
+        return options.workload == "generate"
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ToolboxError(f"{source}: expected auto, 1 or 0, got {value!r}")
+
+
+def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions):
+    """A `RuntimeModel` over `module`, with its decode step compiled now when ``compiled``
+    (for batches of one row, and of several too when a long run of generation follows)."""
+    from toolbox.errors import ToolboxError
+    from toolbox.runtime.cpu import CompiledDecode
+    from toolbox.runtime.loaded import RuntimeModel
+
+    if not compiled:
+        return RuntimeModel(module, tokenizer, info)
+    start = time.perf_counter()
     try:
-        for _ in model.generate_tokens([[0, 0]], GenerationParams(max_new_tokens=3, min_new_tokens=3, temperature=0.0)):
-            pass
+        step = CompiledDecode(module)
+        step.warm((1, 2) if options.workload == "generate" else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolboxError(f"cannot compile the decode step ({first}); unset TOOLBOX_CPU_COMPILE") from None
+        raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
+    print(f"toolbox: decode step compiled by inductor ({info['dtype']}, {step.kind}) in "
+          f"{time.perf_counter() - start:.1f} s; -o compile=0 to skip", file=sys.stderr)
+    return RuntimeModel(module, tokenizer, {**info, "compiled": True}, decode_fn=step, batch_decode_fn=step)
 
 
 @hookimpl

@@ -1,9 +1,10 @@
-"""Built-in backend `quant`: int8 (and int4 on CUDA) weights for the shared runtime.
+"""Built-in backend `quant`: int8 and int4 weights for the shared runtime, on the CPU or CUDA.
 
 The quantizers and the quantized-weight cache are in `toolbox.runtime.quant`. Options:
 ``quant_cache`` (1, 0 or auto: cache when the weight files hold at least 64 MiB) and, on
 CUDA, the GPU decode options (`toolbox.backends.gpu`; ``compile`` defaults to on for
-int8 there).
+int8 there). On the CPU ``compile`` is the `cpu` backend's (auto, 1 or 0, env
+``TOOLBOX_CPU_COMPILE``): the decode step compiled around the int8/int4 kernels.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ SCHEMES = ("int8", "int4")
 
 class QuantBackend(Backend):
     name = "quant"
-    description = "int8 weights on CPU (torch dynamic quantization) or CUDA (torchao); int4 on CUDA"
+    description = ("int8 or int4 weights; CPU: int8 torch dynamic quantization, int4 torch's int4 kernel "
+                   "(groups of 32); CUDA: torchao")
     options = (
         BackendOption("quant_cache", "keep quantized weights on disk: 1, 0, or auto (weights of 64 MiB and more)",
                       "TOOLBOX_QUANT_CACHE", "auto"),
@@ -31,7 +33,7 @@ class QuantBackend(Backend):
         import torch
 
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.loaded import RuntimeModel, checkpoint_tokenizer
+        from toolbox.runtime.loaded import checkpoint_tokenizer
         from toolbox.runtime.quant import cache_wanted, load_or_quantize
 
         scheme = options.dtype or "int8"
@@ -39,8 +41,6 @@ class QuantBackend(Backend):
             raise ToolboxError(f"the quant backend takes --dtype {' or '.join(SCHEMES)}, not {scheme!r}")
         device = options.device or "cpu"
         if device == "cpu":
-            if scheme == "int4":
-                raise ToolboxError("int4 needs CUDA: torchao has no int4 CPU kernel for this torch build")
             if options.threads:
                 torch.set_num_threads(options.threads)
         elif device.startswith("cuda"):
@@ -61,7 +61,9 @@ class QuantBackend(Backend):
         info = {"backend": self.name, "device": device, "dtype": scheme, "quantized_cache": cached}
         tokenizer = checkpoint_tokenizer(checkpoint)
         if gpu is None:
-            return RuntimeModel(module, tokenizer, info)
+            from toolbox.backends.cpu import compile_wanted, runtime_model
+
+            return runtime_model(module, tokenizer, info, compile_wanted(self, options), options)
         from toolbox.runtime.graphs import fast_runtime_model
 
         return fast_runtime_model(module, tokenizer, info, gpu)

@@ -15,8 +15,8 @@ from toolbox.commands.options import (
     stdin_unbuffered,
     stdout_bytes,
 )
-from toolbox.prompts import NL, to_model_text
 from toolbox.forkpool import ordered_map
+from toolbox.prompts import NL, to_model_text
 from toolbox.textio import Output, decode_block, encode_lines, iter_line_blocks, read_whole
 
 BLOCK = 128 << 10  # small enough that both worker processes start (and finish) at about the same time

@@ -85,7 +85,7 @@ class ContinuousBatcher:
     PREFILL_TOKENS = 4096
 
     def __init__(self, module: GPTNeoX, eos_token_ids: Sequence[int], capacity: int, max_seq_len: int | None = None,
-                 sampled_vocab: int | None = None):
+                 sampled_vocab: int | None = None, decode_fn=None):
         ctx = module.config.max_position_embeddings
         max_seq_len = ctx if max_seq_len is None else max_seq_len
         if capacity < 1:
@@ -93,6 +93,9 @@ class ContinuousBatcher:
         if not 1 <= max_seq_len <= ctx:
             raise ValueError(f"max_seq_len {max_seq_len} is outside 1..{ctx} (the model's context)")
         self.module, self.capacity, self.max_seq_len = module, capacity, max_seq_len
+        # decode_fn(ids, pos, cache_pos, key_mask, kv_len, cache) -> logits, e.g. a compiled step
+        self._decode_fn = decode_fn or (lambda ids, pos, cache_pos, key_mask, kv_len, cache: module(
+            ids, pos, cache_pos, key_mask, kv_len=kv_len, cache=cache))
         self.vocab = module.config.vocab_size
         self.eos = frozenset(int(t) for t in eos_token_ids if 0 <= int(t) < self.vocab)
         dev = module.device
@@ -230,7 +233,7 @@ class ContinuousBatcher:
         else:
             R2 = max(rows, min(self.capacity, 2 * R)) if rows > R else R
             S2 = max(slots, min(self.max_seq_len, 2 * S)) if slots > S else S
-        S2 = min(self.max_seq_len, -(-S2 // 64) * 64)
+        S2 = self.module.cache_slots(min(self.max_seq_len, -(-S2 // 64) * 64))
         cache = self.module.new_cache(R2, S2)
         seen = torch.zeros(R2, self.vocab, dtype=torch.bool, device=self.module.device)
         n = len(self._rows)  # rows with cache contents (called before new rows join)
@@ -285,7 +288,7 @@ class ContinuousBatcher:
         pos = torch.tensor([[r.length] for r in rows], device=dev)
         kv_len = max(r.length for r in rows) + 1
         view = [(k[lo:hi], v[lo:hi]) for k, v in self._cache]
-        logits = self.module(ids, pos, pos, None, kv_len=kv_len, cache=view)[:, -1]
+        logits = self._decode_fn(ids, pos, pos, None, kv_len, view)[:, -1]
         return logits, [r.length + 1 for r in rows]
 
     def _pick(self, logits: Tensor, lengths: list[int], lo: int, hi: int) -> list[TokenEvent]:

@@ -1,4 +1,4 @@
-"""CPU fast paths.
+"""CPU fast paths: prepacked oneDNN Linears, and the decode step compiled by inductor.
 
 Eager (the default): Linear weights prepacked once into oneDNN's blocked layout. At
 batch 1 every decode step is a chain of matrix-vector products; oneDNN's linear on a
@@ -6,20 +6,33 @@ weight reordered ahead of time for that shape runs them about twice as fast as
 `F.linear` on a plain weight (bench/generate_cpu.py). Falls back to plain `nn.Linear`
 where torch was built without oneDNN.
 
-Compiled (`compiled_decode`, opt-in): the decode step compiled by inductor with the
-weights frozen into the graph, its elementwise work fused, and each matrix product
-autotuned between oneDNN and inductor's own C++ GEMM template. About 2.3x faster per
-token on the embedded model, where oneDNN's per-call overhead dominates the small
-matrix products; nothing measurable on models whose weights stream from memory. A
-one-off cost of seconds per process (docs/generate.md).
+Compiled (`CompiledDecode`): the decode step compiled by inductor, which fuses the ~100
+small operations around the matrix products (1-2 ms of a shape-S step eagerly at one
+thread, 0.3 ms of the embedded model's). The products themselves (docs/performance.md):
+
+- float32: frozen into the graph and run by inductor's own C++ GEMMs, which stream
+  float32 weights at one row about 1.5x as fast as oneDNN's prepacked kernels (and
+  skip their 10-15 µs of overhead a call); the frozen copy doubles the weights' memory
+  (the eager module keeps its own for the prompt's prefill);
+- bfloat16 (oneDNN prepacked), int8 (fbgemm) and int4 (torch's int4 kernel): the eager
+  kernels, called as opaque operators from the compiled graph (`opaque_linears`): no
+  freezing, no autotuning, so inductor's on-disk caches make a later compile take seconds.
+
+The KV cache goes into the compiled step as an input (not as module state) and every
+size is dynamic: one graph serves every prompt length, cache size and attention span,
+and a second one every batch of two rows or more (sizes 1 are specialised), so nothing
+recompiles in the middle of a generation.
 """
 
 from __future__ import annotations
 
+import os
+import weakref
+from itertools import count
+
 import torch
 from torch import Tensor, nn
 
-from .generation import DecodeFn
 from .model import GPTNeoX
 
 
@@ -51,24 +64,142 @@ def pack_linears(module: nn.Module) -> nn.Module:
     return module
 
 
-def compiled_decode(module: GPTNeoX) -> DecodeFn:
-    """A `DecodeFn` running `module`'s decode step compiled (see the module docstring).
+# --- eager kernels as opaque operators of a compiled graph ---------------------------
 
-    Compiles on the first call (dynamic shapes: one graph serves every attention span;
-    a batch of more than one row compiles once more); inductor's on-disk caches make
-    later processes faster. The module must not change afterwards (frozen weights).
+_OPAQUE: dict[int, weakref.ref] = {}
+_handles = count()
+
+
+@torch.library.custom_op("toolbox::cpu_linear", mutates_args=())
+def _cpu_linear(x: Tensor, handle: int, out_features: int, dtype: torch.dtype) -> Tensor:
+    """Run the registered Linear ``handle`` eagerly (its class's own forward)."""
+    linear = _OPAQUE[handle]()
+    return type(linear).forward(linear, x)
+
+
+@_cpu_linear.register_fake
+def _(x: Tensor, handle: int, out_features: int, dtype: torch.dtype) -> Tensor:
+    return x.new_empty(*x.shape[:-1], out_features, dtype=dtype)
+
+
+def opaque_linears(module: nn.Module) -> None:
+    """Make the Linears that the compiler cannot trace into (oneDNN's prepacked weights, torch's
+    dynamically quantized int8) call their kernel through `_cpu_linear` (in place; the
+    module's state and eager behaviour are unchanged)."""
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    for m in module.modules():
+        if isinstance(m, (PackedLinear, nnqd.Linear)) and "forward" not in m.__dict__:
+            handle = next(_handles)
+            _OPAQUE[handle] = weakref.ref(m, lambda _, h=handle: _OPAQUE.pop(h, None))
+            dtype = torch.float32 if isinstance(m, nnqd.Linear) else None
+
+            def forward(x, handle=handle, out=m.out_features, dtype=dtype):
+                return _cpu_linear(x, handle, out, dtype or x.dtype)
+
+            m.forward = forward
+
+
+# --- the compiled decode step ---------------------------------------------------------
+
+
+def use_inductor_cache_dir() -> None:
+    """Keep inductor's compiled kernels and autotuning results with the toolbox's caches
+    (``$TOOLBOX_CACHE/inductor``, which survives reboots unlike /tmp), unless the user chose."""
+    from toolbox.runtime.quant import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+class _Step(nn.Module):
+    """The decode step as a module of its own: what is compiled (freezing applies to the
+    parameters of the module compiled, not to those a function reaches)."""
+
+    def __init__(self, module: GPTNeoX):
+        super().__init__()
+        self.module = module
+
+    def forward(self, ids, pos, cache_pos, mask, kv_len: int, cache):
+        return self.module(ids, pos, cache_pos, mask, kv_len=kv_len, cache=cache)
+
+
+class CompiledDecode:
+    """A decode function (`toolbox.runtime.generation.DecodeFn`, and the continuous batcher's
+    with an explicit ``cache``) running `module`'s decode step compiled (see the module docstring).
+
+    Compiles on the first call of each kind (one row; two or more); `warm` does it now.
+    The module must not change afterwards (float32 weights are frozen into the graph).
     """
-    import warnings
 
-    import torch._inductor.config as inductor_config
+    @staticmethod
+    def autotune_pays(module: nn.Module) -> bool:
+        """Whether inductor's own C++ GEMMs should run the products: plain float32 Linears.
+        At one row they stream float32 weights at about 1.5x oneDNN's speed (34 against
+        23 GB/s on one core: docs/performance.md); in bfloat16 they are 2.4x slower than
+        oneDNN's prepacked kernels, which stay."""
+        linears = [m for m in module.modules() if type(m) is nn.Linear]
+        return bool(linears) and all(m.weight.dtype == torch.float32 for m in linears)
 
-    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # from inductor's autotuner
-    step = torch.compile(lambda ids, pos, slot, mask, kv_len: module(ids, pos, slot, mask, kv_len=kv_len),
-                         mode="max-autotune-no-cudagraphs", dynamic=True)
+    def __init__(self, module: GPTNeoX, autotune: bool | None = None):
+        import warnings
 
-    # frozen weights become constants: packed, and eligible for the GEMM template; autotuning stays quiet
-    @inductor_config.patch(freezing=True, max_autotune_report_choices_stats=False, autotune_num_choices_displayed=0)
-    def decode(ids: Tensor, pos: Tensor, slot: Tensor, mask: Tensor, kv_len: int) -> Tensor:
-        return step(ids, pos, slot, mask, kv_len)
+        import torch._inductor.config as inductor_config  # imports the compiler: about a second
 
-    return decode
+        self._inductor_config = inductor_config
+        use_inductor_cache_dir()
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # from inductor's autotuner
+        self.module = module
+        self.autotuned = self.autotune_pays(module) if autotune is None else autotune
+        if self.autotuned:
+            # only inductor's C++ GEMMs: benchmarking them against oneDNN on a busy machine picked either
+            options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                       "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
+        else:
+            opaque_linears(pack_linears(module))
+            options = {}
+        self._step = torch.compile(_Step(module), dynamic=True)
+        # applied around the calls (where compiling happens): passed as torch.compile's
+        # options, freezing left the weights graph inputs, which inductor's GEMMs cannot take
+        self._config = options
+
+    @property
+    def kind(self) -> str:
+        """What the products run on, for the one-line note."""
+        return "inductor's C++ GEMMs" if self.autotuned else "the eager kernels"
+
+    def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
+                 cache=None) -> Tensor:
+        m = self.module
+        if cache is None:
+            cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in m.layers]
+        B, S = ids.shape[0], cache[0][0].shape[2]
+        # one input structure for both callers: per-row slots [B,1] and a key mask [B,S]
+        if cache_pos.dim() == 1:
+            cache_pos = cache_pos.view(1, -1).repeat(B, 1)
+        elif cache_pos is pos:  # the continuous batcher's: aliased inputs would be a graph of their own
+            cache_pos = pos.clone()
+        if key_mask is None:
+            key_mask = torch.ones(B, S, dtype=torch.bool, device=ids.device)
+        with self._inductor_config.patch(self._config):
+            return self._step(ids, pos, cache_pos, key_mask, kv_len, cache)
+
+    def warm(self, batch_sizes=(1,)) -> None:
+        """Compile now for decode steps of each batch size (1, and any size >= 2).
+
+        Every size is dynamic, so later prompts and caches reuse the graphs; what a graph
+        does assume holds for every cache the runtime makes: the key mask as wide as the
+        cache, slots in multiples of 64 and more of them than the attention span (see
+        `GPTNeoX.cache_slots`). The sizes used here must not equal a fixed size of the
+        model (heads, head width): equal sizes share a symbol, which would pin the slots.
+        """
+        m = self.module
+        dev = m.device
+        ctx = m.config.max_position_embeddings
+        slots = 320 if ctx >= 320 else max(ctx // 64 * 64, min(ctx, 5))
+        span = 67 if slots >= 128 else 3
+        with torch.inference_mode():
+            for B in sorted(set(min(b, 2) for b in batch_sizes)):
+                cache = m.new_cache(B, slots)
+                ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
+                pos = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)
+                self(ids, pos, pos.clone(), None, span, cache)

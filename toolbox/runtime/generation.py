@@ -119,7 +119,7 @@ class Generation:
         B, L = len(rows), max(len(r) for r in rows)
         params = self.sampling
         with torch.inference_mode():
-            m.setup_cache(B, L + self.max_new_tokens)
+            m.setup_cache(B, m.cache_slots(L + self.max_new_tokens))
             S = m.cache_shape[1]
             pad = torch.tensor([L - len(r) for r in rows], device=dev)
             ids = torch.tensor([[0] * (L - len(r)) + r for r in rows], device=dev)

@@ -76,7 +76,7 @@ class _Static:
 
 @dataclass
 class _Graph:
-    graph: "torch.cuda.CUDAGraph"
+    graph: torch.cuda.CUDAGraph
     out: Tensor  # written by every replay
 
 

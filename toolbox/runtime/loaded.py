@@ -72,12 +72,13 @@ class _Stream:
 class RuntimeModel(LoadedModel):
     """A `GPTNeoX` module plus its tokenizer."""
 
-    def __init__(self, module: GPTNeoX, tokenizer: Tokenizer, info: dict, decode_fn=None):
+    def __init__(self, module: GPTNeoX, tokenizer: Tokenizer, info: dict, decode_fn=None, batch_decode_fn=None):
         self.module = module
         self.tokenizer = tokenizer
         self.context_length = module.config.max_position_embeddings
         self.info = info
         self._decode_fn = decode_fn
+        self._batch_decode_fn = batch_decode_fn  # the continuous batcher's (with an explicit cache)
         eos = set(module.config.eos_token_ids)
         if "eos" in tokenizer.special_ids:
             eos.add(tokenizer.special_ids["eos"])
@@ -138,7 +139,8 @@ class RuntimeModel(LoadedModel):
         """Continuous batching: a request joins the running batch at the next step."""
         from toolbox.runtime.batcher import ContinuousBatcher
 
-        return ContinuousBatcher(self.module, self.eos_token_ids, capacity, sampled_vocab=self.sampled_vocab)
+        return ContinuousBatcher(self.module, self.eos_token_ids, capacity, sampled_vocab=self.sampled_vocab,
+                                 decode_fn=self._batch_decode_fn)
 
     def describe(self) -> dict:
         params = sum(p.numel() for p in self.module.parameters())

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from toolbox.config import NeoXConfig
+
 from .weights import load_state_dict
 
 _ACTIVATIONS = {
@@ -104,6 +105,20 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
     return w.softmax(-1).to(v.dtype) @ v
 
 
+def decode_span(kv_len: int, slots: int, device: torch.device, dtype: torch.dtype) -> int:
+    """How many cache slots a one-token step attends over: ``kv_len``, rounded up to a
+    multiple of 64 (within ``slots``) for 16-bit types on the CPU.
+
+    There `decode_attention`'s products run on oneDNN, which builds (compiles) and caches
+    a kernel for every new shape: a span growing by one slot a step cost 0.8 ms and
+    1.1 MB per step (docs/performance.md). The extra slots lie past every row's position
+    and the causal mask hides them.
+    """
+    if device.type != "cpu" or dtype == torch.float32:
+        return kv_len
+    return torch.sym_min(slots, -(-kv_len // 64) * 64)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: NeoXConfig):
         super().__init__()
@@ -167,22 +182,32 @@ class GPTNeoX(nn.Module):
     def __init__(self, config: NeoXConfig):
         super().__init__()
         self.config = config
-        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        # Built on the meta device (a skeleton that loading fills), the embedding's random
+        # init and the rotary tables would import torch._dynamo (about 1 s and 66 MB): skipped.
+        weight = torch.empty(config.vocab_size, config.hidden_size)
+        self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size, _weight=weight)
+        if not weight.is_meta:
+            nn.init.normal_(weight)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.embed_out.weight = self.embed_in.weight
-        self._init_rotary(None)
+        self._init_rotary(None if not weight.is_meta else "meta")
         self.cache_shape: tuple[int, int] | None = None  # (batch, slots) once setup_cache ran
 
     def _init_rotary(self, device):
+        """The rotary tables on ``device`` (``"meta"``: placeholders until the weights are loaded)."""
+        if device == "meta":
+            self.register_buffer("rope_cos", None, persistent=False)
+            self.register_buffer("rope_sin", None, persistent=False)
+            return
         cos, sin = rotary_tables(self.config, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> "GPTNeoX":
+    def from_pretrained(cls, model_dir: str | Path, device="cpu", dtype: torch.dtype = torch.float32) -> GPTNeoX:
         """Load config.json and the weights of a HF-layout directory onto ``device`` as ``dtype``."""
         config = NeoXConfig.from_dir(model_dir)
         device = torch.device(device)
@@ -211,15 +236,24 @@ class GPTNeoX(nn.Module):
         An existing cache is kept when the batch size matches and it has at least as
         many slots, so its tensors keep their addresses (for captured graphs).
         """
-        if max_seq_len > self.config.max_position_embeddings:
-            raise ValueError(f"cache of {max_seq_len} slots exceeds the model's context of "
-                             f"{self.config.max_position_embeddings}")
+        ctx = self.config.max_position_embeddings
+        if max_seq_len > self.cache_slots(ctx):
+            raise ValueError(f"cache of {max_seq_len} slots exceeds the model's context of {ctx}")
         if self.cache_shape and self.cache_shape[0] == batch_size and self.cache_shape[1] >= max_seq_len:
             return
         c = self.config
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.num_heads, max_seq_len, c.head_dim, self.dtype, self.device)
         self.cache_shape = (batch_size, max_seq_len)
+
+    def cache_slots(self, tokens: int) -> int:
+        """The slots to allocate for ``tokens`` tokens: on the CPU rounded up to a multiple of 64,
+        plus 64 (past the context if need be; positions never go there): `decode_span` then
+        always stops short of the cache's end, which a compiled step (`toolbox.runtime.cpu`)
+        takes as given, rather than compile the other case too."""
+        if self.device.type != "cpu":
+            return tokens
+        return -(-tokens // 64) * 64 + 64
 
     def new_cache(self, batch_size: int, max_seq_len: int) -> list[tuple[Tensor, Tensor]]:
         """A zeroed cache owned by the caller, for ``forward(cache=...)``: per layer
@@ -274,6 +308,8 @@ class GPTNeoX(nn.Module):
 
     def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None, head=True):
         use_cache = cache is not None
+        if use_cache and kv_len is not None and input_ids.shape[1] == 1:
+            kv_len = decode_span(kv_len, cache[0][0].shape[2], input_ids.device, self.dtype)
         if use_cache:
             slots = torch.arange(cache[0][0].shape[2] if kv_len is None else kv_len, device=input_ids.device)
             if key_mask is not None and kv_len is not None:

@@ -1,19 +1,22 @@
 """Weight quantization of the shared runtime (the `quant` backend's machinery), and its cache.
 
 On the CPU, int8 uses torch's dynamic quantization (int8 weights and int8 matmuls
-with activations quantized on the fly), by far the fastest int8 path there. On CUDA,
-torchao's weight-only configs on a bfloat16 model: int8 per output channel
+with activations quantized on the fly through fbgemm), the fastest int8 kernel there at
+batch 1 (measured against torch's weight-only ``_weight_int8pack_mm``, eager and compiled,
+oneDNN's u8s8 ``qlinear`` and ``_int_mm``: docs/performance.md). int4 on the CPU is
+weight-only in groups of 32 on torch's own int4 CPU kernel (`toolbox.runtime.int4`). On
+CUDA, torchao's weight-only configs on a bfloat16 model: int8 per output channel
 (``Int8WeightOnlyConfig``), int4 in groups of 128 along the input (``Int4WeightOnlyConfig``,
 tinygemm's ``tile_packed_to_4d`` packing, which runs on torch's own CUDA kernel and
-needs bfloat16 activations). torchao has no int4 CPU kernel for this torch, so int4
-needs CUDA.
+needs bfloat16 activations).
 
 What gets quantized: every Linear, the output head ``embed_out`` included. With int4
 the head is int8 instead (it is 2.5 % of the 3.6B's weights and the layer where int4
 rounding costs the most accuracy); a Linear whose input width is not a multiple of
-the group size is int8 too. The input embedding, the LayerNorms and every bias stay in
-the activation dtype (bfloat16 on CUDA, float32 on the CPU): torchao adds the bias
-after the matmul in that dtype.
+the group size is int8 too. On the CPU the input embedding stays as stored for int8 and
+is int8 per row for int4. The LayerNorms and every bias are in the activation dtype
+(bfloat16 on CUDA and for int4 on the CPU, float32 for int8 on the CPU): the bias is
+added after the matmul in that dtype.
 
 On CUDA the backend decodes through CUDA graphs like `cuda` (`toolbox.runtime.graphs`);
 ``compile`` defaults to on for int8: torchao's int8 weight-only matmul is a dequantize
@@ -164,6 +167,10 @@ def cache_key(checkpoint: Path, scheme: str, device_type: str) -> str:
                      int4_group=INT4_GROUP)
     else:
         parts["engine"] = torch.backends.quantized.engine
+        if scheme == "int4":  # the int4 kernel's packed layout follows the CPU build
+            from toolbox.runtime.int4 import GROUP
+
+            parts.update(cpu=torch.backends.cpu.get_cpu_capability(), int4_group=GROUP)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -229,10 +236,9 @@ def save_quantized(module, directory: Path, scheme: str, checkpoint: Path | None
         if dynamic:
             torch.save(module.state_dict(), tmp / "model.pt")
         else:
+            import torchao
             from safetensors.torch import save_file
             from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-            import torchao
 
             info["torchao"] = torchao.__version__
             tensors, metadata = flatten_tensor_state_dict(_untied_state(module))
@@ -243,7 +249,7 @@ def save_quantized(module, directory: Path, scheme: str, checkpoint: Path | None
 
 
 def _is_dynamic_quantized(module) -> bool:
-    """True for torch's dynamic quantized Linears (quantize_cpu_int8), False for torchao weights."""
+    """True for torch's dynamic quantized Linears (the CPU schemes), False for torchao weights."""
     import torch.ao.nn.quantized.dynamic as nnqd
 
     return any(isinstance(m, nnqd.Linear) for m in module.modules())
@@ -270,10 +276,16 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         module = GPTNeoX(config)
     module.requires_grad_(False)
     dev = torch.device(device)
-    if (directory / "model.pt").is_file():  # torch dynamic quantization (CPU only)
+    if (directory / "model.pt").is_file():  # torch dynamic quantization and the int4 kernel (CPU only)
         if dev.type != "cpu":
             raise ValueError(f"{directory}: CPU-quantized weights cannot be loaded on {dev}")
-        _int8_skeleton(module)
+        scheme = json.loads((directory / "source.json").read_text(encoding="utf-8")).get("scheme")
+        if scheme == "int4":
+            from toolbox.runtime.int4 import int4_skeleton
+
+            int4_skeleton(module)
+        else:
+            _int8_skeleton(module)
         import warnings
 
         # Read, not memory-mapped: the packed int8 weights keep a reference to their bias,
@@ -338,7 +350,14 @@ def load_or_quantize(checkpoint: Path, scheme: str, device: str, use_cache: bool
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry: quantize again
             print(f"toolbox: ignoring the quantized-weight cache {directory}: {exc}", file=sys.stderr)
     if device_type == "cpu":
-        module = quantize_cpu_int8(load_module(checkpoint, "cpu", checkpoint_float_dtype(checkpoint)))
+        module = load_module(checkpoint, "cpu", checkpoint_float_dtype(checkpoint))
+        if scheme == "int4":
+            from toolbox.runtime.int4 import quantize_cpu_int4
+
+            module = quantize_cpu_int4(module)
+        else:
+            module = quantize_cpu_int8(module)
+        release_freed_memory()
     else:
         module = quantize_cuda(load_module(checkpoint, device, torch.bfloat16), scheme)
     if directory is None:

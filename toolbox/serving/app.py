@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toolbox import __version__
-from toolbox.serving import azure, health, heads, openai, tokenizer
+from toolbox.serving import azure, heads, health, openai, tokenizer
 from toolbox.serving import schemas as S
 from toolbox.serving.schemas import APIError
 from toolbox.serving.state import ServerState, Settings

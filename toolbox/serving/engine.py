@@ -27,11 +27,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import deque
 import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 

@@ -9,7 +9,7 @@ generation settings that silently do nothing). Every client mistake becomes
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal, Union
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
 
@@ -110,7 +110,7 @@ class SamplingFields(Request):
     temperature: float | None = Field(None, ge=0, le=2, description="Default 1 (OpenAI's); 0 = greedy.")
     top_p: float | None = Field(None, gt=0, le=1, description="Default 1 (OpenAI's).")
     n: int | None = Field(None, ge=1, le=64, description="Choices per prompt (default 1).")
-    stop: Union[str, list[str], None] = Field(None, description="Up to 16 stop strings; the text is cut before them.")
+    stop: str | list[str] | None = Field(None, description="Up to 16 stop strings; the text is cut before them.")
     seed: int | None = Field(None, **INT64, description="Reproducible sampling; choice k uses seed + k.")
     stream: bool | None = Field(None, description="Stream Server-Sent Events in OpenAI's chunk format.")
     stream_options: StreamOptions | None = None
@@ -154,7 +154,7 @@ PROMPT_ERROR = "must be a string, a list of strings, a list of token ids, or a l
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Text, texts, token ids, or lists of token ids (not wrapped in any template)."
     )
     max_tokens: int | None = Field(
@@ -226,7 +226,7 @@ class ChatMessage(Request):
         description="user and assistant map to the template's ユーザー and システム; system (and developer) "
         "text is put in front of the first user message."
     )
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
     name: str | None = Field(None, description="Ignored.")
 
     @field_validator("content", mode="wrap")
@@ -345,7 +345,7 @@ class AzureInput(Request):
 class AzureRequest(BaseModel):
     """`{"input_data": {"input_string": [...], "parameters": {...}}}` or `{"input_data": [...], "params": {...}}`."""
 
-    input_data: Union[AzureInput, list[str]]
+    input_data: AzureInput | list[str]
     params: AzureParameters | None = None
 
 
