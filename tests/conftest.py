@@ -24,6 +24,11 @@ import toolbox
 from toolbox.registry import EMBEDDED_DIR
 from toolbox.tokenizer import Tokenizer
 
+# Long runs of generation (serve, batch files) compile the CPU decode step by default, 5-10 s
+# a process: the suite runs them eagerly. tests/test_cpu_compiled.py checks the compiled step,
+# and one test there the default (with the variable removed).
+os.environ.setdefault("TOOLBOX_CPU_COMPILE", "0")
+
 # Where the toolbox under test lives; subprocesses run it from there, so they test the same code.
 REPO = Path(os.path.abspath(toolbox.__file__)).parent.parent
 EMBEDDED_MODEL = EMBEDDED_DIR / "spiece.model"

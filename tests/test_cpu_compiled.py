@@ -6,6 +6,7 @@ once for the module: the embedded model in float32 (inductor's autotuned GEMMs, 
 float32 model gets) and in int4 (the eager kernels as opaque operators).
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -134,3 +135,22 @@ def test_eager_loading_does_not_import_the_compiler():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_batch_files_compile_by_default_and_one_shot_commands_do_not(run_toolbox, tmp_path):
+    """`generate --input` announces a long run (compiled, with its one-line note); a single
+    prompt stays eager; the records are the same either way."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(f'{{"prompt": "吾輩は猫である。{i}"}}\n' for i in range(3)), encoding="utf-8")
+    auto = {"TOOLBOX_CPU_COMPILE": ""}  # unset: the default, auto
+    out = {}
+    for name, env in (("auto", auto), ("eager", {"TOOLBOX_CPU_COMPILE": "0"})):
+        path = tmp_path / f"{name}.jsonl"
+        r = run_toolbox("generate", "--input", str(prompts), "--output", str(path), "--max-new-tokens", "12",
+                        "--temperature", "0", env=env, timeout=300)
+        assert r.returncode == 0, r.stderr.decode()
+        assert (b"decode step compiled by inductor" in r.stderr) == (name == "auto"), r.stderr.decode()
+        out[name] = [json.loads(line)["token_ids"] for line in path.read_text(encoding="utf-8").splitlines()]
+    assert out["auto"] == out["eager"]
+    r = run_toolbox("generate", "吾輩は猫である。", "--max-new-tokens", "4", env=auto)
+    assert r.returncode == 0 and b"compiled" not in r.stderr, r.stderr.decode()

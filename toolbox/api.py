@@ -44,29 +44,35 @@ TEMPLATES = ("auto", "plain", "rinna-chat")
 _LANGUAGE_MODEL = {"generate", "stream", "chat", "chat_ids", "events", "run", "score", "compare", "loglikelihood",
                    "loglikelihood_rolling", "params", "prompt_ids"}
 PREFIXES = (None, "bos", "eos")
+WORKLOADS = ("short", "generate", "score")
 
 
 def load(model: str | None = None, backend: str = "auto", dtype: str | None = None, device: str | None = None,
-         threads: int | None = None, revision: str | None = None, options: dict | None = None) -> Model:
+         threads: int | None = None, revision: str | None = None, options: dict | None = None,
+         workload: str = "short") -> Model:
     """Load a model: a registry id or alias ("sft", "3.6b"), a hub id, or a local checkpoint directory.
 
     The embedded model by default. `backend`: "auto" (cuda when available, else cpu), "cpu",
     "cuda", "quant" or a plugin's. `options` are the backend's own settings (see `toolbox
-    backends`), e.g. ``{"compile": True}`` for cpu. Raises `ToolboxError` on any bad input.
+    backends`), e.g. ``{"compile": True}`` for cpu. `workload` says what follows: "short",
+    "generate" (a long run of generation: a backend may spend seconds at load, compiling,
+    that the run earns back) or "score". Raises `ToolboxError` on any bad input.
     """
     from toolbox.backends import pick
     from toolbox.heads import head_task
 
     ref = parse_model(model, revision)
     check_threads(threads)
+    if workload not in WORKLOADS:
+        raise ToolboxError(f"workload: expected one of {', '.join(WORKLOADS)}, got {workload!r}")
     directory = checkpoint_dir(ref)
     if head_task(directory) is not None:  # a fine-tuned classifier or tagger (`toolbox finetune`)
         return _load_head(ref, backend, dtype, device, threads, options)
     chosen = pick(backend)
     extra = dict(options or {})
     chosen.check_options(extra)
-    loaded = chosen.load(directory, LoadOptions(device=device, dtype=dtype, threads=threads, extra=extra))
-    return Model(ref, loaded, chosen.name)
+    options = LoadOptions(device=device, dtype=dtype, threads=threads, extra=extra, workload=workload)
+    return Model(ref, chosen.load(directory, options), chosen.name)
 
 
 def _load_head(ref: ModelRef, backend: str, dtype, device, threads, options) -> Model:

@@ -69,6 +69,12 @@ def compile_wanted(backend: Backend, options: LoadOptions, env: str = COMPILE_EN
     raise ToolboxError(f"{source}: expected auto, 1 or 0, got {value!r}")
 
 
+def _asked_to_compile(options: LoadOptions) -> bool:
+    """Whether compiling was asked for by name (the option or the environment), not by ``auto``."""
+    value = options.extra.get("compile", os.environ.get(COMPILE_ENV, ""))
+    return value is True or str(value).strip().lower() not in ("", "auto")
+
+
 def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions):
     """A `RuntimeModel` over `module`, with its decode step compiled now when ``compiled``
     (for batches of one row, and of several too when a long run of generation follows)."""
@@ -84,7 +90,10 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         step.warm((1, 2) if options.workload == "generate" else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
+        if _asked_to_compile(options):
+            raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
+        print(f"toolbox: cannot compile the decode step ({first}); decoding eagerly", file=sys.stderr)
+        return RuntimeModel(module, tokenizer, info)
     print(f"toolbox: decode step compiled by inductor ({info['dtype']}, {step.kind}) in "
           f"{time.perf_counter() - start:.1f} s; -o compile=0 to skip", file=sys.stderr)
     return RuntimeModel(module, tokenizer, {**info, "compiled": True}, decode_fn=step, batch_decode_fn=step)

@@ -149,7 +149,7 @@ def _clean(value):
     return value
 
 
-def _model(opts: dict):
+def _model(opts: dict, workload: str = "short"):
     """The model to evaluate: an endpoint, or a local model (`ModelChoice.load`)."""
     if opts.get("endpoint"):
         from toolbox.eval.endpoint import Endpoint
@@ -157,7 +157,7 @@ def _model(opts: dict):
         return Endpoint(opts["endpoint"], opts.get("endpoint_model"), opts.get("api_key"))
     from toolbox.eval.runner import LocalModel
 
-    return LocalModel(opts["choice"].load(), opts.get("batch_size") or 8)
+    return LocalModel(opts["choice"].load(workload), opts.get("batch_size") or 8)
 
 
 def _execute(task, opts: dict, predictions: str | None = None) -> None:
@@ -180,7 +180,7 @@ def _execute(task, opts: dict, predictions: str | None = None) -> None:
                           bool(task.shuffle), task.seed, bool(opts.get("skip_invalid")))
     if not loaded.items:
         raise ToolboxError(f"{label}: no items to evaluate ({loaded.total} records, {loaded.invalid} invalid)")
-    model = None if predictions else _model(opts)
+    model = None if predictions else _model(opts, "generate" if task.kind == "generate" else "score")
     output = Path(opts["output"]) if opts.get("output") else None
     result = runner.run(task, loaded.items, model, runner.RunOptions(output, opts.get("batch_size") or 8))
     name = model.name if model else f"predictions from {predictions}"

@@ -86,7 +86,7 @@ def generate(prompt, whole, input_path, output_path, field, batch_size, use_ray,
                        truncate="left" if truncate == "left" else "error")
         job.check()  # input readable, output writable: before the model loads
     choice.check()
-    model = choice.load()
+    model = choice.load("generate" if job is not None else "short")
     run = Runner(model, params, prompt_format, "left" if truncate == "left" else "error", as_json)
     try:
         if job is not None:

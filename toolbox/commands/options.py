@@ -99,11 +99,18 @@ class ModelChoice:
         spec = parse_model(self.model, self.revision).spec
         return spec.defaults if spec else GenerationDefaults()
 
-    def load(self):
-        """The `toolbox.Model` (a one-line error for anything wrong)."""
+    def load(self, workload: str = "short"):
+        """The `toolbox.Model` (a one-line error for anything wrong); `workload` as in `toolbox.load`."""
         from toolbox.api import load
 
-        return load(self.model, self.backend, self.dtype, self.device, self.threads, self.revision, self.options)
+        return load(self.model, self.backend, self.dtype, self.device, self.threads, self.revision, self.options,
+                    workload)
+
+    def load_options(self, workload: str = "short"):
+        """The backend's `LoadOptions` for this choice (a model loaded in a process of its own)."""
+        from toolbox.types import LoadOptions
+
+        return LoadOptions(self.device, self.dtype, self.threads, self.options, workload)
 
 
 def _threads(ctx, param, value):

@@ -98,7 +98,6 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     except ImportError as exc:
         raise ToolboxError(f"toolbox serve needs fastapi, uvicorn and prometheus_client ({exc})") from None
     from toolbox.serving.worker import load_in_process
-    from toolbox.types import LoadOptions
 
     settings = Settings(served_model_name=served_model_name, api_key=api_key or None, max_batch_size=max_batch_size,
                         max_queue=max_queue, shutdown_timeout=shutdown_timeout, engine_nice=engine_nice,
@@ -122,10 +121,10 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     def load_model():
         try:
             if model_process and not _is_head(choice):
-                options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
+                options = choice.load_options("generate")
                 model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)
             else:
-                model = choice.load()
+                model = choice.load("generate")
             state.attach(model)
             click.echo(f"toolbox serve: {state.name} loaded on {model.backend}; ready", err=True)
         except BaseException as exc:  # noqa: BLE001 - reported after the server stops

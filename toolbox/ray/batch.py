@@ -352,7 +352,7 @@ class Generator:
     """One actor of the pool: a model, and batches of records in, result records (JSON text) out."""
 
     def __init__(self, choice, params, template: str, truncate: str, batch_size: int):
-        self.model = choice.load()
+        self.model = choice.load("generate")
         self.params, self.template, self.truncate, self.batch_size = params, template, truncate, batch_size
         self.nl = self.model.uses_template(template)
 

@@ -92,11 +92,10 @@ class Replica:
 def _load(choice, settings):
     """The replica's model: in a process of its own (`--model-process`) or in the replica's."""
     if not settings.model_process:
-        return choice.load()
+        return choice.load("generate")
     from toolbox.serving.worker import load_in_process
-    from toolbox.types import LoadOptions
 
-    options = LoadOptions(choice.device, choice.dtype, choice.threads, choice.options)
+    options = choice.load_options("generate")
     return load_in_process(choice.model, choice.revision, choice.backend, options, settings.engine_nice)
 
 

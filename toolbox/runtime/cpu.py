@@ -131,14 +131,19 @@ class CompiledDecode:
     The module must not change afterwards (float32 weights are frozen into the graph).
     """
 
+    #: float32 weights up to this size are frozen into the graph (a second copy of them)
+    FREEZE_LIMIT = 2 << 30
+
     @staticmethod
     def autotune_pays(module: nn.Module) -> bool:
-        """Whether inductor's own C++ GEMMs should run the products: plain float32 Linears.
-        At one row they stream float32 weights at about 1.5x oneDNN's speed (34 against
-        23 GB/s on one core: docs/performance.md); in bfloat16 they are 2.4x slower than
-        oneDNN's prepacked kernels, which stay."""
+        """Whether inductor's own C++ GEMMs should run the products: plain float32 Linears
+        of at most `FREEZE_LIMIT` bytes. At one row they stream float32 weights at about 1.5x
+        oneDNN's speed (34 against 23 GB/s on one core: docs/performance.md) but need the
+        weights frozen, i.e. copied (the 3.6B's 14 GB would be 28); in bfloat16 they are 2.4x
+        slower than oneDNN's prepacked kernels, which stay."""
         linears = [m for m in module.modules() if type(m) is nn.Linear]
-        return bool(linears) and all(m.weight.dtype == torch.float32 for m in linears)
+        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+        return bool(linears) and all(m.weight.dtype == torch.float32 for m in linears) and size <= CompiledDecode.FREEZE_LIMIT
 
     def __init__(self, module: GPTNeoX, autotune: bool | None = None):
         import warnings
