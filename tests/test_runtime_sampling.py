@@ -140,3 +140,36 @@ def test_ids_outside_the_tokenizer_are_never_sampled():
     for params in (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0)):
         tokens, _ = sample(logits, params, torch.Generator().manual_seed(0), outside=outside)
         assert bool((tokens < 32).all())
+
+
+def test_finite_scores_and_any_finite_follow_their_definitions_row_by_row():
+    """Against the definitions worked row by row in plain Python: NaN excluded; +inf entries win
+    as equals; a row with nothing left is uniform; otherwise the softmax of the finite scores."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from toolbox.runtime.sampling import any_finite, finite_scores
+
+    special = st.sampled_from([float("nan"), float("inf"), float("-inf"), 3e38, -3e38, 1e-45])
+    value = st.one_of(st.floats(-50, 50), special)
+
+    def expected(row: list[float]) -> list[float]:
+        if any(x == float("inf") for x in row):
+            keep = [x == float("inf") for x in row]
+        elif all(x != x or x == float("-inf") for x in row):
+            keep = [True] * len(row)
+        else:
+            finite = torch.tensor([x if x == x else float("-inf") for x in row], dtype=torch.float64)
+            return finite.softmax(-1).tolist()
+        return [k / sum(keep) for k in keep]
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.lists(value, min_size=6, max_size=6), min_size=1, max_size=4))
+    def check(rows):
+        scores = torch.tensor(rows, dtype=torch.float32)
+        probs = finite_scores(scores).double().softmax(-1)
+        assert not probs.isnan().any()
+        assert torch.allclose(probs, torch.tensor([expected(r) for r in rows], dtype=torch.float64), atol=1e-6)
+        assert any_finite(scores).tolist() == [any(abs(x) < float("inf") for x in r) for r in rows]
+
+    check()

@@ -61,7 +61,7 @@ from toolbox.backend import TokenEvent
 from toolbox.batching import SequenceRequest
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, apply_repetition_penalty, draw, finite_scores, top_p_filter
+from .sampling import SamplingParams, any_finite, apply_repetition_penalty, draw, finite_scores, top_p_filter
 
 
 @dataclass(eq=False)
@@ -299,7 +299,7 @@ class ContinuousBatcher:
         rows = self._rows[lo:hi]
         tok, lp, logprobs = self._sample(logits, rows, self._seen[lo:hi])
         k = max(r.request.params.top_logprobs for r in rows)
-        parts = [tok.double(), lp.double(), logits.isfinite().any(-1).double()]
+        parts = [tok.double(), lp.double(), any_finite(logits).double()]
         if k:
             top_lp, top_id = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
             parts += [*top_id.T.double(), *top_lp.T.double()]
