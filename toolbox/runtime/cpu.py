@@ -123,6 +123,14 @@ class _Step(nn.Module):
         return self.module(ids, pos, cache_pos, mask, kv_len=kv_len, cache=cache)
 
 
+def _input_guards(entries) -> list[bool]:
+    """Which of dynamo's guards to check on each call: those on the step's inputs (shapes, dtypes,
+    the cache list) and the global state, not the ~700 on the module's attributes and the code's
+    globals, which stay fixed once compiled (the documented contract). 0.1 ms a call less:
+    12-20 % of the embedded model's step."""
+    return [not e.name.startswith(("self.", "dict(type(self", "G[")) for e in entries]
+
+
 class CompiledDecode:
     """A decode function (`toolbox.runtime.generation.DecodeFn`, and the continuous batcher's
     with an explicit ``cache``) running `module`'s decode step compiled (see the module docstring).
@@ -162,7 +170,7 @@ class CompiledDecode:
         else:
             opaque_linears(pack_linears(module))
             options = {}
-        self._step = torch.compile(_Step(module), dynamic=True)
+        self._step = torch.compile(_Step(module), dynamic=True, options={"guard_filter_fn": _input_guards})
         # applied around the calls (where compiling happens): passed as torch.compile's
         # options, freezing left the weights graph inputs, which inductor's GEMMs cannot take
         self._config = options
