@@ -3,7 +3,7 @@
 Option ``compile`` (``-o compile=auto|1|0``, env ``TOOLBOX_CPU_COMPILE``; default auto):
 decode through a step compiled by inductor (`toolbox.runtime.cpu.CompiledDecode`),
 compiled while loading. ``auto`` compiles when the caller says a long run of generation
-follows (``LoadOptions.workload == "generate"``: serve, batch files), where the seconds of
+follows (``LoadOptions.workload == "generate"``: batch files, eval), where the seconds of
 compiling are earned back; one-shot commands stay eager. See docs/generate.md.
 """
 

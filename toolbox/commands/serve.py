@@ -121,10 +121,11 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     def load_model():
         try:
             if model_process and not _is_head(choice):
-                options = choice.load_options("generate")
+                # eager by default: compiling measured no gain here (docs/performance.md)
+                options = choice.load_options()
                 model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)
             else:
-                model = choice.load("generate")
+                model = choice.load()
             state.attach(model)
             click.echo(f"toolbox serve: {state.name} loaded on {model.backend}; ready", err=True)
         except BaseException as exc:  # noqa: BLE001 - reported after the server stops

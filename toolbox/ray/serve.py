@@ -92,10 +92,10 @@ class Replica:
 def _load(choice, settings):
     """The replica's model: in a process of its own (`--model-process`) or in the replica's."""
     if not settings.model_process:
-        return choice.load("generate")
+        return choice.load()
     from toolbox.serving.worker import load_in_process
 
-    options = choice.load_options("generate")
+    options = choice.load_options()
     return load_in_process(choice.model, choice.revision, choice.backend, options, settings.engine_nice)
 
 
