@@ -292,7 +292,13 @@ def body(model) -> dict:
         "application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
+#: one server-sent event, as OpenAPI before 3.2 describes an event stream (a schema per event)
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "data": {"type": "string", "description": "a JSON chunk, or `[DONE]` at the end"},
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}
+
+
 def streaming(model, what: str) -> dict:
     return {200: {"model": model, "description": f"The {what} (JSON), or with `stream: true` a `text/event-stream` "
                   "of `data: {chunk}` events ending with `data: [DONE]`.",
-                  "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+                  "content": {"text/event-stream": {"schema": SSE_EVENT}}}}
