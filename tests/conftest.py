@@ -251,3 +251,15 @@ def neox3(tmp_path_factory):
     from toolbox.runtime.model import GPTNeoX
 
     return GPTNeoX.from_pretrained(save(build_hf(num_hidden_layers=3), tmp_path_factory.mktemp("ckpt")))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module, two CPUs, as light as Ray allows; its GCS address."""
+    ray = pytest.importorskip("ray")
+    auth = os.environ.get("RAY_AUTH_MODE")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+    if auth is None:
+        os.environ.pop("RAY_AUTH_MODE", None)  # ray.init turned token authentication on for its children

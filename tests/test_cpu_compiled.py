@@ -107,14 +107,14 @@ def test_compile_auto_follows_the_workload_and_bad_settings_are_one_line_errors(
 
     cpu = pick_backend("cpu")
     monkeypatch.delenv("TOOLBOX_CPU_COMPILE", raising=False)
-    assert not compile_wanted(cpu, LoadOptions())  # one-shot commands stay eager
-    assert compile_wanted(cpu, LoadOptions(workload="generate"))
-    assert not compile_wanted(cpu, LoadOptions(workload="score"))
-    assert not compile_wanted(cpu, LoadOptions(workload="generate", extra={"compile": "0"}))
-    assert compile_wanted(cpu, LoadOptions(extra={"compile": True}))
+    assert not compile_wanted(LoadOptions())  # one-shot commands stay eager
+    assert compile_wanted(LoadOptions(workload="generate"))
+    assert not compile_wanted(LoadOptions(workload="score"))
+    assert not compile_wanted(LoadOptions(workload="generate", extra={"compile": "0"}))
+    assert compile_wanted(LoadOptions(extra={"compile": True}))
     monkeypatch.setenv("TOOLBOX_CPU_COMPILE", "1")
-    assert compile_wanted(cpu, LoadOptions())
-    assert not compile_wanted(cpu, LoadOptions(extra={"compile": "off"}))  # the option wins over the environment
+    assert compile_wanted(LoadOptions())
+    assert not compile_wanted(LoadOptions(extra={"compile": "off"}))  # the option wins over the environment
     monkeypatch.setenv("TOOLBOX_CPU_COMPILE", "maybe")
     with pytest.raises(ToolboxError, match="TOOLBOX_CPU_COMPILE: expected auto, 1 or 0"):
         cpu.load(EMBEDDED, LoadOptions(threads=1))

@@ -65,19 +65,6 @@ def errors(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster for the module, two CPUs, as light as Ray allows; its GCS address."""
-    import os
-
-    auth = os.environ.get("RAY_AUTH_MODE")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if auth is None:
-        os.environ.pop("RAY_AUTH_MODE", None)  # ray.init turned token authentication on for its children
-
-
-@pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """300 prompts (and three bad records), through the single-machine `toolbox generate --input`."""
     tmp = tmp_path_factory.mktemp("reference")

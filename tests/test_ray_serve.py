@@ -4,7 +4,6 @@ the service keeps answering."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -24,17 +23,6 @@ openai = pytest.importorskip("openai")
 
 PROMPTS = ["吾輩は猫である。", "主人は", "迷亭君が", "細君は", "寒月君は", "猫が", "先生は", "下女が"]
 REPLICA_PREFIX = "SERVE_REPLICA::toolbox#toolbox#"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """One local Ray cluster for the module, two CPUs; its GCS address."""
-    auth = os.environ.get("RAY_AUTH_MODE")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-    if auth is None:
-        os.environ.pop("RAY_AUTH_MODE", None)  # ray.init turned token authentication on for its children
 
 
 class Service:

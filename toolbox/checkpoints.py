@@ -94,13 +94,10 @@ def prompt_format(ref: ModelRef) -> str:
     if ref.spec is not None:
         return ref.spec.prompt_format
     if ref.local_dir is not None:
-        import json
+        from toolbox.config import config_fields
 
-        try:
-            config = json.loads((ref.local_dir / "config.json").read_text(encoding="utf-8"))
-            found = (config.get("toolbox") or {}).get("prompt_format")
-        except (OSError, ValueError, AttributeError):
-            found = None
+        section = config_fields(ref.local_dir).get("toolbox")
+        found = section.get("prompt_format") if isinstance(section, dict) else None
         if found in ("plain", "rinna-chat"):
             return found
     return "plain"

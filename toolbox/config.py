@@ -110,3 +110,14 @@ class NeoXConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{file}: expected a JSON object")
         return cls.from_dict(data, source=str(file))
+
+
+def config_fields(directory: str | Path) -> dict:
+    """The whole ``<directory>/config.json`` as a dict, or {} when it is missing or not a JSON
+    object: for the keys beyond the architecture that callers probe (the architectures list,
+    the toolbox's own section), where a checkpoint without them is simply not that kind."""
+    try:
+        data = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

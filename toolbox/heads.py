@@ -13,11 +13,11 @@ character offsets into the text given. Importing this module does not import tor
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from toolbox.checkpoints import checkpoint_dir, parse_model
+from toolbox.config import config_fields
 from toolbox.errors import ToolboxError
 from toolbox.tokenizer import Tokenizer
 
@@ -68,12 +68,10 @@ class Tagging:
 
 def head_task(directory: str | Path) -> str | None:
     """"classify" or "tag" for a fine-tuned head checkpoint directory, None for anything else (no torch)."""
-    try:
-        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    archs = config_fields(directory).get("architectures")
+    if not isinstance(archs, list):
         return None
-    archs = config.get("architectures") or () if isinstance(config, dict) else ()
-    return next((TASK_ARCHITECTURES[a] for a in archs if a in TASK_ARCHITECTURES), None)
+    return next((TASK_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in TASK_ARCHITECTURES), None)
 
 
 class HeadRunner:

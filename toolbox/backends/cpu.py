@@ -39,7 +39,7 @@ class CPUBackend(Backend):
         if options.device not in (None, "cpu"):
             raise ToolboxError(f"the cpu backend runs on the CPU, not {options.device!r}")
         dtype = torch_dtype(options.dtype or "float32", ("float32", "bfloat16"))
-        compiled = compile_wanted(self, options)
+        compiled = compile_wanted(options)
         if options.threads:
             torch.set_num_threads(options.threads)
         module = load_module(checkpoint, "cpu", dtype)
@@ -50,18 +50,19 @@ class CPUBackend(Backend):
         return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options)
 
 
-def compile_wanted(backend: Backend, options: LoadOptions, env: str = COMPILE_ENV) -> bool:
-    """The ``compile`` option on the CPU: auto, 1 or 0 (the option, else ``env``, else auto)."""
+def compile_setting(options: LoadOptions) -> bool | None:
+    """The ``compile`` option on the CPU: 1 or 0 as a bool, None for auto (the option, else
+    ``TOOLBOX_CPU_COMPILE``, else auto; for `quant` too, whose declared ``compile`` is CUDA's)."""
     from toolbox.errors import ToolboxError
 
     value, source = options.extra.get("compile"), "option compile"
-    if value is None and os.environ.get(env, "") != "":
-        value, source = os.environ[env], env
+    if value is None and os.environ.get(COMPILE_ENV, "") != "":
+        value, source = os.environ[COMPILE_ENV], COMPILE_ENV
     if isinstance(value, bool):
         return value
     v = str(value if value is not None else "auto").strip().lower()
     if v == "auto":
-        return options.workload == "generate"
+        return None
     if v in ("1", "true", "yes", "on"):
         return True
     if v in ("0", "false", "no", "off", ""):
@@ -69,10 +70,10 @@ def compile_wanted(backend: Backend, options: LoadOptions, env: str = COMPILE_EN
     raise ToolboxError(f"{source}: expected auto, 1 or 0, got {value!r}")
 
 
-def _asked_to_compile(options: LoadOptions) -> bool:
-    """Whether compiling was asked for by name (the option or the environment), not by ``auto``."""
-    value = options.extra.get("compile", os.environ.get(COMPILE_ENV, ""))
-    return value is True or str(value).strip().lower() not in ("", "auto")
+def compile_wanted(options: LoadOptions) -> bool:
+    """Whether to compile: as set, or for ``auto`` when a long run of generation follows."""
+    setting = compile_setting(options)
+    return options.workload == "generate" if setting is None else setting
 
 
 def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions):
@@ -90,7 +91,7 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         step.warm((1, 2) if options.workload == "generate" else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if _asked_to_compile(options):
+        if compile_setting(options) is not None:  # asked for by name, not by auto
             raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
         print(f"toolbox: cannot compile the decode step ({first}); decoding eagerly", file=sys.stderr)
         return RuntimeModel(module, tokenizer, info)

@@ -62,23 +62,18 @@ def classify(texts, all_labels, as_json, batch_size, errors, device, dtype, thre
     Example:
       toolbox classify --model out/novels "吾輩は猫である。" "I am a cat."
     """
-    from rich.console import Console
     from rich.table import Table
 
     from toolbox.heads import classify as run_classify
 
-    runner = _load(model, revision, device, dtype, threads, batch_size)
-    console = Console(highlight=False)
-    for batch in _lines(texts, errors):
-        results = run_classify(runner, [text for _, text, _ in batch], sources=[where for *_, where in batch])
-        if as_json:
-            _write_json({"line": n, **r.to_dict()} for (n, *_), r in zip(batch, results))
-            continue
-        table = Table("line", "text", "label", "probability", *(["all"] if all_labels else []))
+    def table(batch, results):
+        out = Table("line", "text", "label", "probability", *(["all"] if all_labels else []))
         for (n, text, _), r in zip(batch, results):
             extra = [", ".join(f"{k} {v:.3f}" for k, v in r.scores.items())] if all_labels else []
-            table.add_row(str(n), text, r.label, f"{r.score:.3f}", *extra)
-        console.print(table)
+            out.add_row(str(n), text, r.label, f"{r.score:.3f}", *extra)
+        return out
+
+    _answer(texts, errors, _load(model, revision, device, dtype, threads, batch_size), run_classify, as_json, table)
 
 
 @click.command()
@@ -95,22 +90,30 @@ def tag(texts, as_json, batch_size, errors, device, dtype, threads, model, revis
     Example:
       toolbox tag --model out/ner "山田さんは京都へ行った。"
     """
-    from rich.console import Console
     from rich.table import Table
 
     from toolbox.heads import tag as run_tag
 
-    runner = _load(model, revision, device, dtype, threads, batch_size)
-    console = Console(highlight=False)
-    for batch in _lines(texts, errors):
-        results = run_tag(runner, [text for _, text, _ in batch], sources=[where for *_, where in batch])
-        if as_json:
-            _write_json({"line": n, **r.to_dict()} for (n, *_), r in zip(batch, results))
-            continue
-        table = Table("line", "label", "span", "entity", "probability")
+    def table(batch, results):
+        out = Table("line", "label", "span", "entity", "probability")
         for (n, *_), r in zip(batch, results):
             if not r.entities:
-                table.add_row(str(n), "-", "", "(none)", "")
+                out.add_row(str(n), "-", "", "(none)", "")
             for e in r.entities:
-                table.add_row(str(n), e.label, f"{e.start}-{e.end}", e.text, f"{e.score:.3f}")
-        console.print(table)
+                out.add_row(str(n), e.label, f"{e.start}-{e.end}", e.text, f"{e.score:.3f}")
+        return out
+
+    _answer(texts, errors, _load(model, revision, device, dtype, threads, batch_size), run_tag, as_json, table)
+
+
+def _answer(texts, errors, runner, run, as_json: bool, table) -> None:
+    """Run the head over the input in batches; print JSON lines, or each batch's `table(batch, results)`."""
+    from rich.console import Console
+
+    console = Console(highlight=False)
+    for batch in _lines(texts, errors):
+        results = run(runner, [text for _, text, _ in batch], sources=[where for *_, where in batch])
+        if as_json:
+            _write_json({"line": n, **r.to_dict()} for (n, *_), r in zip(batch, results))
+        else:
+            console.print(table(batch, results))

@@ -18,7 +18,7 @@ from torch import Tensor
 from toolbox.errors import ToolboxError
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, any_finite, sample
 
 
 @dataclass(frozen=True)
@@ -140,7 +140,7 @@ class Generation:
             else:
                 gen.manual_seed(params.seed)
             logits = m(ids, input_pos, torch.arange(L, device=dev), key_mask, kv_len=L, last_only=True)[:, -1]
-            if not bool(logits.isfinite().any(-1).all()):
+            if not bool(any_finite(logits).all()):
                 raise ToolboxError("the model produced no finite logits: its weights hold NaN or infinite values, "
                                    "or overflow in this dtype (try float32)")
             pos0 = torch.tensor([len(r) for r in rows], device=dev)[:, None]

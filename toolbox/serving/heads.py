@@ -45,17 +45,19 @@ async def run_head(state, task: str, texts: list[str], where: str) -> list[dict]
              openapi_extra=body(S.HeadRequest))
 async def classify(request: Request):
     """Each text's label and the probability of every label (a model made by `toolbox finetune classify`)."""
-    state = state_of(request)
-    req = validate(S.HeadRequest, await read_json(request, state.settings.max_body_bytes))
-    state.serving(req.model)
-    return {"results": await run_head(state, "classify", req.texts, "texts")}
+    return await _answer(request, "classify")
 
 
 @router.post("/v1/tag", response_model=S.HeadResponse, responses=errors(400, 401, 404, 413, 503),
              openapi_extra=body(S.HeadRequest))
 async def tag(request: Request):
     """Each text's entities as character spans (a model made by `toolbox finetune tag`)."""
+    return await _answer(request, "tag")
+
+
+async def _answer(request: Request, task: str) -> dict:
+    """A `HeadRequest` validated and run through the served model's `task`."""
     state = state_of(request)
     req = validate(S.HeadRequest, await read_json(request, state.settings.max_body_bytes))
     state.serving(req.model)
-    return {"results": await run_head(state, "tag", req.texts, "texts")}
+    return {"results": await run_head(state, task, req.texts, "texts")}
