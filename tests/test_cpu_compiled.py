@@ -154,3 +154,38 @@ def test_batch_files_compile_by_default_and_one_shot_commands_do_not(run_toolbox
     assert out["auto"] == out["eager"]
     r = run_toolbox("generate", "吾輩は猫である。", "--max-new-tokens", "4", env=auto)
     assert r.returncode == 0 and b"compiled" not in r.stderr, r.stderr.decode()
+
+
+@pytest.mark.parametrize("kind", ["bfloat16 prepacked", "int8 dynamic"])
+def test_opaque_linears_run_the_modules_own_kernel_and_go_with_them(kind):
+    """The opaque operator calls a Linear's kernel directly (not through its forward): the output
+    must be bit-identical to the module's own forward, and the kernel (holding the packed weight)
+    must be dropped when the Linear is."""
+    import gc
+    import warnings
+
+    from toolbox.runtime import cpu
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    if kind.startswith("bfloat16"):
+        if not cpu.packing_available():
+            pytest.skip("torch built without oneDNN")
+        module = cpu.pack_linears(torch.nn.Sequential(linear.bfloat16()))
+        x = torch.randn(3, 1, 64).bfloat16()
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear},
+                                                           dtype=torch.qint8)
+        x = torch.randn(3, 1, 64) * 4
+    with torch.inference_mode():
+        expected = module(x)
+        before = len(cpu._KERNELS)
+        cpu.opaque_linears(module)
+        assert len(cpu._KERNELS) == before + 1
+        got = module(x)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    del module
+    gc.collect()
+    assert len(cpu._KERNELS) == before

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
 from itertools import count
 
 import torch
@@ -66,36 +67,47 @@ def pack_linears(module: nn.Module) -> nn.Module:
 
 # --- eager kernels as opaque operators of a compiled graph ---------------------------
 
-_OPAQUE: dict[int, weakref.ref] = {}
+#: handle -> the kernel call of one Linear (its packed weight bound); dropped with the Linear
+_KERNELS: dict[int, Callable[[Tensor], Tensor]] = {}
 _handles = count()
+# defined through a plain Library rather than `custom_op`, whose Python layers cost 2-5 µs a
+# call: a third of the embedded model's int8 products
+_LIB = torch.library.Library("toolbox", "DEF")
+_LIB.define("cpu_linear(Tensor x, int handle, int out_features, ScalarType dtype) -> Tensor")
+_LIB.impl("cpu_linear", lambda x, handle, out_features, dtype: _KERNELS[handle](x), "CPU")
 
 
-@torch.library.custom_op("toolbox::cpu_linear", mutates_args=())
-def _cpu_linear(x: Tensor, handle: int, out_features: int, dtype: torch.dtype) -> Tensor:
-    """Run the registered Linear ``handle`` eagerly (its class's own forward)."""
-    linear = _OPAQUE[handle]()
-    return type(linear).forward(linear, x)
-
-
-@_cpu_linear.register_fake
+@torch.library.register_fake("toolbox::cpu_linear")
 def _(x: Tensor, handle: int, out_features: int, dtype: torch.dtype) -> Tensor:
     return x.new_empty(*x.shape[:-1], out_features, dtype=dtype)
 
 
+def _kernel(linear: nn.Module) -> tuple[Callable[[Tensor], Tensor], torch.dtype | None]:
+    """The direct kernel call of ``linear`` (what its forward runs, without the module's Python),
+    and its output dtype (None: the input's)."""
+    if isinstance(linear, PackedLinear):
+        op, weight, bias = torch.ops.mkldnn._linear_pointwise.default, linear.weight, linear.bias
+        return (lambda x: op(x, weight, bias, "none", [], "")), None
+    op, packed = torch.ops.quantized.linear_dynamic.default, linear._packed_params._packed_params
+    reduce_range = linear.version is not None and linear.version >= 4  # as the module's own forward
+    return (lambda x: op(x, packed, reduce_range)), torch.float32
+
+
 def opaque_linears(module: nn.Module) -> None:
     """Make the Linears that the compiler cannot trace into (oneDNN's prepacked weights, torch's
-    dynamically quantized int8) call their kernel through `_cpu_linear` (in place; the
+    dynamically quantized int8) call their kernel through ``toolbox::cpu_linear`` (in place; the
     module's state and eager behaviour are unchanged)."""
     import torch.ao.nn.quantized.dynamic as nnqd
 
+    op = torch.ops.toolbox.cpu_linear.default
     for m in module.modules():
         if isinstance(m, (PackedLinear, nnqd.Linear)) and "forward" not in m.__dict__:
             handle = next(_handles)
-            _OPAQUE[handle] = weakref.ref(m, lambda _, h=handle: _OPAQUE.pop(h, None))
-            dtype = torch.float32 if isinstance(m, nnqd.Linear) else None
+            _KERNELS[handle], dtype = _kernel(m)
+            weakref.finalize(m, _KERNELS.pop, handle, None)
 
             def forward(x, handle=handle, out=m.out_features, dtype=dtype):
-                return _cpu_linear(x, handle, out, dtype or x.dtype)
+                return op(x, handle, out, dtype or x.dtype)
 
             m.forward = forward
 
@@ -171,9 +183,12 @@ class CompiledDecode:
             opaque_linears(pack_linears(module))
             options = {}
         self._step = torch.compile(_Step(module), dynamic=True, options={"guard_filter_fn": _input_guards})
-        # applied around the calls (where compiling happens): passed as torch.compile's
-        # options, freezing left the weights graph inputs, which inductor's GEMMs cannot take
+        # applied around the first call of each kind (one row; more), where compiling happens:
+        # passed as torch.compile's options, freezing left the weights graph inputs, which
+        # inductor's GEMMs cannot take. A later recompile (none is expected: every size is
+        # dynamic) would miss them and run the products on plain kernels: slower, not wrong.
         self._config = options
+        self._compiled: set[int] = set()
 
     @property
     def kind(self) -> str:
@@ -184,17 +199,22 @@ class CompiledDecode:
                  cache=None) -> Tensor:
         m = self.module
         if cache is None:
-            cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in m.layers]
+            cache = m.cache
         B, S = ids.shape[0], cache[0][0].shape[2]
         # one input structure for both callers: per-row slots [B,1] and a key mask [B,S]
         if cache_pos.dim() == 1:
-            cache_pos = cache_pos.view(1, -1).repeat(B, 1)
+            cache_pos = cache_pos.view(1, -1) if B == 1 else cache_pos.view(1, -1).repeat(B, 1)
         elif cache_pos is pos:  # the continuous batcher's: aliased inputs would be a graph of their own
             cache_pos = pos.clone()
         if key_mask is None:
             key_mask = torch.ones(B, S, dtype=torch.bool, device=ids.device)
-        with self._inductor_config.patch(self._config):
+        kind = min(B, 2)
+        if kind in self._compiled:  # compiled already: no config to apply (20-40 µs a call)
             return self._step(ids, pos, cache_pos, key_mask, kv_len, cache)
+        with self._inductor_config.patch(self._config):
+            out = self._step(ids, pos, cache_pos, key_mask, kv_len, cache)
+        self._compiled.add(kind)
+        return out
 
     def warm(self, batch_sizes=(1,)) -> None:
         """Compile now for decode steps of each batch size (1, and any size >= 2).

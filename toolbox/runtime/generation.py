@@ -143,8 +143,10 @@ class Generation:
             if not bool(any_finite(logits).all()):
                 raise ToolboxError("the model produced no finite logits: its weights hold NaN or infinite values, "
                                    "or overflow in this dtype (try float32)")
-            pos0 = torch.tensor([len(r) for r in rows], device=dev)[:, None]
-            slots = torch.arange(L, L + self.max_new_tokens, device=dev)  # decode slots, never uploaded per step
+            # every step's positions [B] and cache slot [1], made once rather than a tensor a step
+            steps = torch.arange(self.max_new_tokens, device=dev)
+            positions = (torch.tensor([len(r) for r in rows], device=dev)[None, :] + steps[:, None]).contiguous()
+            slots = L + steps
             pinned = dev.type == "cuda"
             if pinned:  # two host buffers: step t+1's copy lands while step t's is read
                 bufs = [torch.empty(2 + 2 * self.top, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
@@ -168,8 +170,8 @@ class Generation:
             """Feed the tokens sampled at ``step``: the logits for ``step + 1``."""
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            slot = L + step
-            return self.decode_fn(tok[:, None], pos0 + step, slots[step : step + 1], key_mask, slot + 1)[:, -1]
+            return self.decode_fn(tok[:, None], positions[step].view(B, 1), slots[step : step + 1], key_mask,
+                                  L + step + 1)[:, -1]
 
         running = [True] * B
         with torch.inference_mode():

@@ -169,7 +169,7 @@ class GraphedDecoder:
         if key is None or any(ref() is not obj for ref, obj in zip(key, (first, first.k, last.k))):
             self.reset()
             self._cache_key = (weakref.ref(first), weakref.ref(first.k), weakref.ref(last.k))
-        return [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in m.layers]
+        return m.cache
 
     def reset(self) -> None:
         """Forget every graph and static buffer (they are made again on demand)."""

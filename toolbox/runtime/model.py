@@ -195,6 +195,7 @@ class GPTNeoX(nn.Module):
             self.embed_out.weight = self.embed_in.weight
         self._init_rotary(None if not weight.is_meta else "meta")
         self.cache_shape: tuple[int, int] | None = None  # (batch, slots) once setup_cache ran
+        self.cache: list[tuple[Tensor, Tensor]] | None = None  # per layer (keys, values) of that cache
 
     def _init_rotary(self, device):
         """The rotary tables on ``device`` (``"meta"``: placeholders until the weights are loaded)."""
@@ -245,6 +246,7 @@ class GPTNeoX(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, c.num_heads, max_seq_len, c.head_dim, self.dtype, self.device)
         self.cache_shape = (batch_size, max_seq_len)
+        self.cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in self.layers]
 
     def cache_slots(self, tokens: int) -> int:
         """The slots to allocate for ``tokens`` tokens: on the CPU rounded up to a multiple of 64,
@@ -270,7 +272,7 @@ class GPTNeoX(nn.Module):
         """Free the KV cache."""
         for layer in self.layers:
             layer.attention.kv_cache = None
-        self.cache_shape = None
+        self.cache_shape = self.cache = None
 
     def forward(
         self,
@@ -302,9 +304,8 @@ class GPTNeoX(nn.Module):
         Without a cache (neither ``setup_cache`` nor ``cache``) tokens attend only to each
         other: ``S == T`` and ``cache_pos`` must be ``arange(T)``.
         """
-        if cache is None and self.cache_shape is not None:
-            cache = [(layer.attention.kv_cache.k, layer.attention.kv_cache.v) for layer in self.layers]
-        return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at)
+        return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only,
+                         self.cache if cache is None else cache, logits_at)
 
     def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None, head=True):
         use_cache = cache is not None
