@@ -40,6 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "toolbox" / "data" / "embedded"
 SHAPE_S = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, intermediate_size=4096,
                vocab_size=32000)
+# the 3.6B's layers (hidden 2816, 22 heads of 128, intermediate 11264, vocab 32000), 4 of its 36:
+# each product is one the real model runs, with a ninth of its layers (a ninth of its time a token)
+SHAPE_L = dict(hidden_size=2816, num_hidden_layers=4, num_attention_heads=22, intermediate_size=11264,
+               vocab_size=32000)
 COMPILED = {"compile": "1"}
 CONFIGS = [
     # (name, model, engine, dtype, backend options)
@@ -61,15 +65,15 @@ CONFIGS = [
 ]
 
 
-def build_shape_s(path: Path) -> None:
-    """A random GPT-NeoX in shape S, saved in the Hugging Face layout with the embedded tokenizer."""
+def build_shape_s(path: Path, shape: dict = SHAPE_S) -> None:
+    """A random GPT-NeoX in `shape` (S by default), saved in the Hugging Face layout with the embedded tokenizer."""
     import shutil
 
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoXConfig(**SHAPE_S, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
+    config = GPTNeoXConfig(**shape, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
                            bos_token_id=2, eos_token_id=3)
     GPTNeoXForCausalLM(config).half().save_pretrained(path)  # stored in fp16, like the series' checkpoints
     shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")

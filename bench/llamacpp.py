@@ -1,11 +1,13 @@
 """Decode side by side with llama.cpp: the same weights, the same machine, interleaved runs.
 
 Each row pairs a toolbox configuration with the llama.cpp GGUF type of the same
-precision, on the same checkpoint (the embedded model, and shape S: hidden 1024, 8
-layers, 16 heads, vocab 32000, random weights, built by bench/generate_cpu.py):
+precision, on the same checkpoint (the embedded model; shape S: hidden 1024, 8 layers,
+16 heads, vocab 32000; shape L: four layers of the 3.6B's shape, hidden 2816, 22 heads,
+intermediate 11264; random weights, built by bench/generate_cpu.py):
 
   embedded fp32 / f32, int8 / q8_0, int4 / q4_0;  S fp32 / f32, bf16 / bf16, int8 / q8_0,
-  int4 / q4_0   (toolbox eager, and compiled with --compiled)
+  int4 / q4_0;  L bf16 / bf16, int8 / q8_0, int4 / q4_0   (toolbox eager, and compiled
+  with --compiled; L is not in the default rows: --rows L-bf16,L-int8,L-int4)
 
 For every repeat, every row runs the toolbox (a child process of bench/generate_cpu.py:
 decode tokens/s after a --prompt-tokens prompt, best of --runs) and then llama.cpp's
@@ -46,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from generate_cpu import EMBEDDED, build_shape_s, child_command  # noqa: E402
+from generate_cpu import EMBEDDED, SHAPE_L, build_shape_s, child_command  # noqa: E402
 
 # name -> (model, toolbox backend, dtype, GGUF type)
 ROWS = {
@@ -57,6 +59,9 @@ ROWS = {
     "S-bf16": ("S", "cpu", "bfloat16", "bf16"),
     "S-int8": ("S", "quant", "int8", "q8_0"),
     "S-int4": ("S", "quant", "int4", "q4_0"),
+    "L-bf16": ("L", "cpu", "bfloat16", "bf16"),
+    "L-int8": ("L", "quant", "int8", "q8_0"),
+    "L-int4": ("L", "quant", "int4", "q4_0"),
 }
 
 
@@ -137,7 +142,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over every row")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (best kept), both sides")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated, from: " + ", ".join(ROWS))
+    parser.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("L-")),
+                        help="comma-separated, from: " + ", ".join(ROWS))
     parser.add_argument("--depths", default="16", help="prompt tokens / llama.cpp depth before decoding")
     parser.add_argument("--prompt", type=int, default=0, help="also measure prompt processing of this many tokens")
     parser.add_argument("--compiled", action="store_true", help="the toolbox with its compiled decode step too")
@@ -157,10 +163,10 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="llamacpp-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    shape_s = work / "shape-s"
-    if any(ROWS[r][0] == "S" for r in rows) and not (shape_s / "config.json").is_file():
-        build_shape_s(shape_s)
-    models = {"embedded": EMBEDDED, "S": shape_s}
+    models = {"embedded": EMBEDDED, "S": work / "shape-s", "L": work / "shape-l"}
+    for name, shape in (("S", None), ("L", SHAPE_L)):
+        if any(ROWS[r][0] == name for r in rows) and not (models[name] / "config.json").is_file():
+            build_shape_s(models[name], *([shape] if shape else []))
     repack_pp = not has_amx()
     files = {r: gguf(llama, models[ROWS[r][0]], ROWS[r][3], work) for r in rows}
 
