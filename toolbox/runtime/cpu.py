@@ -15,8 +15,9 @@ thread, 0.3 ms of the embedded model's). The products themselves (docs/performan
   skip their 10-15 µs of overhead a call); the frozen copy doubles the weights' memory
   (the eager module keeps its own for the prompt's prefill);
 - bfloat16 (oneDNN prepacked), int8 (fbgemm) and int4 (torch's int4 kernel): the eager
-  kernels, called as opaque operators from the compiled graph (`opaque_linears`): no
-  freezing, no autotuning, so inductor's on-disk caches make a later compile take seconds.
+  kernels, called as opaque operators from the compiled graph (`opaque_linears`), which
+  a C++ wrapper runs: no freezing, no autotuning, so inductor's on-disk caches make a
+  later compile take seconds.
 
 The KV cache goes into the compiled step as an input (not as module state) and every
 size is dynamic: one graph serves every prompt length, cache size and attention span,
@@ -181,7 +182,10 @@ class CompiledDecode:
                        "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
         else:
             opaque_linears(pack_linears(module))
-            options = {}
+            # a C++ wrapper calls the kernels, not a Python one: 15-30 % of the embedded model's
+            # int4 step, less on larger ones; inductor's caches keep a later compile at seconds
+            # (the frozen float32 graphs above bypass those caches, so they would pay it each load)
+            options = {"cpp_wrapper": True}
         self._step = torch.compile(_Step(module), dynamic=True, options={"guard_filter_fn": _input_guards})
         # applied around the first call of each kind (one row; more), where compiling happens:
         # passed as torch.compile's options, freezing left the weights graph inputs, which
