@@ -73,7 +73,7 @@ _KERNELS: dict[int, Callable[[Tensor], Tensor]] = {}
 _handles = count()
 # defined through a plain Library rather than `custom_op`, whose Python layers cost 2-5 µs a
 # call: a third of the embedded model's int8 products
-_LIB = torch.library.Library("toolbox", "DEF")
+_LIB = torch.library.Library("toolbox", "FRAGMENT")  # a fragment: leaves the namespace open to others
 _LIB.define("cpu_linear(Tensor x, int handle, int out_features, ScalarType dtype) -> Tensor")
 _LIB.impl("cpu_linear", lambda x, handle, out_features, dtype: _KERNELS[handle](x), "CPU")
 
