@@ -173,3 +173,20 @@ def test_finite_scores_and_any_finite_follow_their_definitions_row_by_row():
         assert any_finite(scores).tolist() == [any(abs(x) < float("inf") for x in r) for r in rows]
 
     check()
+
+
+def test_greedy_picks_the_argmax_of_the_finite_scores():
+    """Greedy skips `finite_scores`' shift; it must pick what the shifted scores' argmax picks, for
+    rows mixing NaN, +inf and -inf, rows of only NaN or only -inf, and rows of negative scores."""
+    from toolbox.runtime.sampling import finite_scores
+
+    gen = torch.Generator().manual_seed(0)
+    greedy = SamplingParams(temperature=0.0)
+    for t in range(300):
+        x = torch.randn(4, 50, generator=gen) * 10.0 ** torch.randint(-40, 37, (1,), generator=gen).item()
+        u = torch.rand(4, 50, generator=gen)
+        x[u < 0.05], x[(u > 0.05) & (u < 0.08)], x[(u > 0.08) & (u < 0.2)] = float("nan"), float("inf"), float("-inf")
+        x[0] = float("-inf") if t % 3 == 0 else x[0]
+        x[1] = float("nan") if t % 5 == 0 else x[1]
+        x[2] = -x[2].abs()  # every finite score negative: a NaN read as 0 would win
+        assert torch.equal(sample(x.clone(), greedy)[0], finite_scores(x).argmax(-1)), x

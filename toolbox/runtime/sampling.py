@@ -109,11 +109,11 @@ def sample(
         scores = scores.index_fill(-1, banned, float("-inf"))
     if outside is not None:
         scores = scores.masked_fill(outside, float("-inf"))
-    scores = finite_scores(scores)
-    if params.greedy:
-        tokens = scores.argmax(dim=-1)
+    if params.greedy:  # the row's maximum needs no shift: NaN never wins, the first +inf does, all -inf gives 0
+        inf = float("inf")
+        tokens = scores.nan_to_num(-inf, inf, -inf).argmax(dim=-1)
     else:
-        probs = scores.softmax(dim=-1)
+        probs = finite_scores(scores).softmax(dim=-1)
         tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
     logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
