@@ -293,7 +293,7 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
             state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-        module.load_state_dict(state, strict=True, assign=True)
+        _load_by_layer(module, state)
         del state  # the unpacked int8 weights
         release_freed_memory()
     else:
@@ -314,6 +314,33 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
             module.embed_out.weight = module.embed_in.weight
     module._init_rotary(dev)
     return module.eval()
+
+
+def _load_by_layer(module, state: dict) -> None:
+    """``module.load_state_dict(state, strict=True, assign=True)`` with the layers loaded on all
+    threads at once. Loading an int8 Linear packs its weight for fbgemm, on one core, and that
+    is most of a load from the cache (shape S: 0.5 of 0.9 s; 0.43-0.46 s on two threads)."""
+    from collections import OrderedDict
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    units = {f"{name}.": child for name, child in module.named_children() if name != "layers"}
+    units.update({f"layers.{i}.": layer for i, layer in enumerate(module.layers)})
+    parts = {prefix: OrderedDict() for prefix in units}
+    for key, value in state.items():
+        prefix = next((p for p in units if key.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"unexpected key {key!r} in the quantized weights")
+        parts[prefix][key[len(prefix):]] = value
+    # the modules' format versions, which quantized Linears read their keys by
+    metadata = getattr(state, "_metadata", {})
+    for prefix, part in parts.items():
+        part._metadata = OrderedDict((k[len(prefix):] if k != prefix[:-1] else "", v) for k, v in metadata.items()
+                                     if k == prefix[:-1] or k.startswith(prefix))
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        for done in [pool.submit(units[p].load_state_dict, parts[p], strict=True, assign=True) for p in units]:
+            done.result()
 
 
 def _int8_skeleton(module) -> None:
