@@ -44,6 +44,7 @@ SHAPE_S = dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16, in
 # each product is one the real model runs, with a ninth of its layers (a ninth of its time a token)
 SHAPE_L = dict(hidden_size=2816, num_hidden_layers=4, num_attention_heads=22, intermediate_size=11264,
                vocab_size=32000)
+SHAPE_3B6 = dict(SHAPE_L, num_hidden_layers=36)  # the series' own shape, all 36 layers
 COMPILED = {"compile": "1"}
 CONFIGS = [
     # (name, model, engine, dtype, backend options)
@@ -75,7 +76,16 @@ def build_shape_s(path: Path, shape: dict = SHAPE_S) -> None:
     torch.manual_seed(0)
     config = GPTNeoXConfig(**shape, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
                            bos_token_id=2, eos_token_id=3)
-    GPTNeoXForCausalLM(config).half().save_pretrained(path)  # stored in fp16, like the series' checkpoints
+    if config.num_hidden_layers * config.hidden_size ** 2 > 1e9:  # the 3.6B: made in fp16 (no 14 GB fp32 copy)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float16)
+        try:
+            model = GPTNeoXForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default)
+    else:
+        model = GPTNeoXForCausalLM(config).half()
+    model.save_pretrained(path)  # stored in fp16, like the series' checkpoints
     shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
 
 

@@ -6,8 +6,9 @@ precision, on the same checkpoint (the embedded model; shape S: hidden 1024, 8 l
 intermediate 11264; random weights, built by bench/generate_cpu.py):
 
   embedded fp32 / f32, int8 / q8_0, int4 / q4_0;  S fp32 / f32, bf16 / bf16, int8 / q8_0,
-  int4 / q4_0;  L bf16 / bf16, int8 / q8_0, int4 / q4_0   (toolbox eager, and compiled
-  with --compiled; L is not in the default rows: --rows L-bf16,L-int8,L-int4)
+  int4 / q4_0;  L bf16 / bf16, int8 / q8_0, int4 / q4_0;  3.6B (the series' own shape,
+  random weights, 7 GB in fp16) the same   (toolbox eager, and compiled with --compiled;
+  L and 3.6B are not in the default rows: --rows L-bf16,L-int8,L-int4)
 
 For every repeat, every row runs the toolbox (a child process of bench/generate_cpu.py:
 decode tokens/s after a --prompt-tokens prompt, best of --runs) and then llama.cpp's
@@ -48,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from generate_cpu import EMBEDDED, SHAPE_L, build_shape_s, child_command  # noqa: E402
+from generate_cpu import EMBEDDED, SHAPE_3B6, SHAPE_L, build_shape_s, child_command  # noqa: E402
 
 # name -> (model, toolbox backend, dtype, GGUF type)
 ROWS = {
@@ -62,6 +63,9 @@ ROWS = {
     "L-bf16": ("L", "cpu", "bfloat16", "bf16"),
     "L-int8": ("L", "quant", "int8", "q8_0"),
     "L-int4": ("L", "quant", "int4", "q4_0"),
+    "3.6B-bf16": ("3.6B", "cpu", "bfloat16", "bf16"),
+    "3.6B-int8": ("3.6B", "quant", "int8", "q8_0"),
+    "3.6B-int4": ("3.6B", "quant", "int4", "q4_0"),
 }
 
 
@@ -142,7 +146,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds over every row")
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (best kept), both sides")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith("L-")),
+    parser.add_argument("--rows", default=",".join(r for r in ROWS if not r.startswith(("L-", "3.6B-"))),
                         help="comma-separated, from: " + ", ".join(ROWS))
     parser.add_argument("--depths", default="16", help="prompt tokens / llama.cpp depth before decoding")
     parser.add_argument("--prompt", type=int, default=0, help="also measure prompt processing of this many tokens")
@@ -163,8 +167,8 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="llamacpp-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    models = {"embedded": EMBEDDED, "S": work / "shape-s", "L": work / "shape-l"}
-    for name, shape in (("S", None), ("L", SHAPE_L)):
+    models = {"embedded": EMBEDDED, "S": work / "shape-s", "L": work / "shape-l", "3.6B": work / "shape-3b6"}
+    for name, shape in (("S", None), ("L", SHAPE_L), ("3.6B", SHAPE_3B6)):
         if any(ROWS[r][0] == name for r in rows) and not (models[name] / "config.json").is_file():
             build_shape_s(models[name], *([shape] if shape else []))
     repack_pp = not has_amx()
