@@ -297,7 +297,7 @@ def test_quantized_weight_cache_round_trip(tiny_checkpoint, tmp_path, monkeypatc
     first = backend.load(ckpt, on)
     assert first.info["quantized_cache"] == "written"
     entry = toolbox_quant.quantized_cache_dir(ckpt, "int8", "cpu")
-    assert entry.parent == tmp_path / "cache" / "quantized" and (entry / "model.pt").is_file()
+    assert entry.parent == tmp_path / "cache" / "quantized" and (entry / "model.layers.0.pt").is_file()
     assert json.loads((entry / "source.json").read_text())["scheme"] == "int8"
 
     def no_quantizing(module):
@@ -321,7 +321,10 @@ def test_quantized_weight_cache_round_trip(tiny_checkpoint, tmp_path, monkeypatc
     # a damaged entry is ignored and rewritten
     entry = toolbox_quant.quantized_cache_dir(ckpt, "int8", "cpu")
     backend.load(ckpt, on)
-    (entry / "model.pt").write_bytes(b"not a checkpoint")
+    (entry / "model.layers.1.pt").write_bytes(b"not a checkpoint")
+    assert backend.load(ckpt, on).info["quantized_cache"] == "written"
+    assert backend.load(ckpt, on).info["quantized_cache"] == "hit"
+    (entry / "model.embed_out.pt").unlink()  # a part missing: the same
     assert backend.load(ckpt, on).info["quantized_cache"] == "written"
     assert backend.load(ckpt, on).info["quantized_cache"] == "hit"
     assert backend.load(ckpt, LoadOptions(extra={"quant_cache": "0"})).info["quantized_cache"] == "off"

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 INT4_GROUP = 128
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the CPU schemes store one file per layer
 AUTO_CACHE_BYTES = 64 << 20
 
 
@@ -71,6 +71,9 @@ def quantize_cpu_int8(module):
     for name, child in module.named_children():
         if name != "embed_in":
             child.float()
+    # an owned copy: a view of the memory-mapped checkpoint would keep the whole mapping
+    # resident (every page read while quantizing: 7 GB of the 3.6B's fp16 file)
+    module.embed_in.weight = torch.nn.Parameter(module.embed_in.weight.detach().clone(), requires_grad=False)
     return module
 
 
@@ -221,8 +224,10 @@ def _source_info(checkpoint: Path, scheme: str, device_type: str) -> dict:
 def save_quantized(module, directory: Path, scheme: str, checkpoint: Path | None = None) -> None:
     """Store a quantized module's state in ``directory`` (created atomically).
 
-    torch dynamic quantization (the CPU path): ``model.pt``, a plain ``torch.save`` of the
-    state dict (int8 tensors, scales, fp32 embedding/norms; read back with weights_only=True).
+    torch dynamic quantization and the int4 kernel (the CPU path): ``model.<module>.pt`` for
+    each layer and each other part of the model, a plain ``torch.save`` of its state dict
+    (int8 or packed int4 tensors, scales, embedding, norms; read back with weights_only=True),
+    so that loading holds one layer's unpacked weights at a time, not the whole model's.
     torchao (the CUDA path): ``model.safetensors`` through torchao's safetensors flattening
     (tensor data plus JSON metadata; no pickle).
     """
@@ -234,7 +239,8 @@ def save_quantized(module, directory: Path, scheme: str, checkpoint: Path | None
 
     def write(tmp: Path):
         if dynamic:
-            torch.save(module.state_dict(), tmp / "model.pt")
+            for name, part in _parts(module):
+                torch.save(part.state_dict(), tmp / f"model.{name}.pt")
         else:
             import torchao
             from safetensors.torch import save_file
@@ -276,7 +282,7 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         module = GPTNeoX(config)
     module.requires_grad_(False)
     dev = torch.device(device)
-    if (directory / "model.pt").is_file():  # torch dynamic quantization and the int4 kernel (CPU only)
+    if not (directory / "model.safetensors").is_file():  # torch dynamic quantization and the int4 kernel (CPU)
         if dev.type != "cpu":
             raise ValueError(f"{directory}: CPU-quantized weights cannot be loaded on {dev}")
         scheme = json.loads((directory / "source.json").read_text(encoding="utf-8")).get("scheme")
@@ -286,15 +292,7 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
             int4_skeleton(module)
         else:
             _int8_skeleton(module)
-        import warnings
-
-        # Read, not memory-mapped: the packed int8 weights keep a reference to their bias,
-        # which would keep the whole mapping (every int8 page touched while packing) resident.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
-            state = torch.load(directory / "model.pt", map_location="cpu", weights_only=True)
-        _load_by_layer(module, state)
-        del state  # the unpacked int8 weights
+        _load_parts(module, directory)
         release_freed_memory()
     else:
         from safetensors import safe_open
@@ -316,30 +314,40 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
     return module.eval()
 
 
-def _load_by_layer(module, state: dict) -> None:
-    """``module.load_state_dict(state, strict=True, assign=True)`` with the layers loaded on all
-    threads at once. Loading an int8 Linear packs its weight for fbgemm, on one core, and that
-    is most of a load from the cache (shape S: 0.5 of 0.9 s; 0.43-0.46 s on two threads)."""
-    from collections import OrderedDict
+def _parts(module) -> list:
+    """``(name, module)`` of what a CPU cache entry stores a file each of: every layer, and
+    each other child of the model (the embeddings, the final norm, the output layer)."""
+    return ([(name, child) for name, child in module.named_children() if name != "layers"]
+            + [(f"layers.{i}", layer) for i, layer in enumerate(module.layers)])
+
+
+def _load_parts(module, directory: Path) -> None:
+    """Load the files written by `save_quantized` into ``module`` (strict), on every thread.
+
+    Read, not memory-mapped (the packed int8 weights keep a reference to their bias, which
+    would keep a mapping resident). Loading an int8 Linear packs its weight for fbgemm on
+    one core, most of a load from the cache, so parts load side by side (shape S: 0.9 ->
+    0.64-0.73 s on two threads); each part's unpacked weights go once it is loaded, so
+    the peak is the packed model plus a layer a thread (the 3.6B's whole state read at
+    once doubled it).
+    """
+    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
 
-    units = {f"{name}.": child for name, child in module.named_children() if name != "layers"}
-    units.update({f"layers.{i}.": layer for i, layer in enumerate(module.layers)})
-    parts = {prefix: OrderedDict() for prefix in units}
-    for key, value in state.items():
-        prefix = next((p for p in units if key.startswith(p)), None)
-        if prefix is None:
-            raise ValueError(f"unexpected key {key!r} in the quantized weights")
-        parts[prefix][key[len(prefix):]] = value
-    # the modules' format versions, which quantized Linears read their keys by
-    metadata = getattr(state, "_metadata", {})
-    for prefix, part in parts.items():
-        part._metadata = OrderedDict((k[len(prefix):] if k != prefix[:-1] else "", v) for k, v in metadata.items()
-                                     if k == prefix[:-1] or k.startswith(prefix))
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        for done in [pool.submit(units[p].load_state_dict, parts[p], strict=True, assign=True) for p in units]:
+    parts = _parts(module)
+    missing = [name for name, _ in parts if not (directory / f"model.{name}.pt").is_file()]
+    if missing:
+        raise ValueError(f"{directory}: no weights for {missing[0]}")
+
+    def load(name: str, part) -> None:
+        state = torch.load(directory / f"model.{name}.pt", map_location="cpu", weights_only=True)
+        part.load_state_dict(state, strict=True, assign=True)
+
+    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
+        for done in [pool.submit(load, name, part) for name, part in parts]:
             done.result()
 
 
