@@ -76,15 +76,12 @@ def build_shape_s(path: Path, shape: dict = SHAPE_S) -> None:
     torch.manual_seed(0)
     config = GPTNeoXConfig(**shape, max_position_embeddings=2048, rotary_pct=1.0, tie_word_embeddings=False,
                            bos_token_id=2, eos_token_id=3)
-    if config.num_hidden_layers * config.hidden_size ** 2 > 1e9:  # the 3.6B: made in fp16 (no 14 GB fp32 copy)
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float16)
-        try:
-            model = GPTNeoXForCausalLM(config)
-        finally:
-            torch.set_default_dtype(default)
-    else:
-        model = GPTNeoXForCausalLM(config).half()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # made in fp16: no float32 copy (14 GB for the 3.6B)
+    try:
+        model = GPTNeoXForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
     model.save_pretrained(path)  # stored in fp16, like the series' checkpoints
     shutil.copy(EMBEDDED / "spiece.model", path / "spiece.model")
 

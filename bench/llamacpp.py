@@ -51,22 +51,18 @@ sys.path.insert(0, str(HERE))
 
 from generate_cpu import EMBEDDED, SHAPE_3B6, SHAPE_L, build_shape_s, child_command  # noqa: E402
 
-# name -> (model, toolbox backend, dtype, GGUF type)
-ROWS = {
-    "embedded-fp32": ("embedded", "cpu", "float32", "f32"),
-    "embedded-int8": ("embedded", "quant", "int8", "q8_0"),
-    "embedded-int4": ("embedded", "quant", "int4", "q4_0"),
-    "S-fp32": ("S", "cpu", "float32", "f32"),
-    "S-bf16": ("S", "cpu", "bfloat16", "bf16"),
-    "S-int8": ("S", "quant", "int8", "q8_0"),
-    "S-int4": ("S", "quant", "int4", "q4_0"),
-    "L-bf16": ("L", "cpu", "bfloat16", "bf16"),
-    "L-int8": ("L", "quant", "int8", "q8_0"),
-    "L-int4": ("L", "quant", "int4", "q4_0"),
-    "3.6B-bf16": ("3.6B", "cpu", "bfloat16", "bf16"),
-    "3.6B-int8": ("3.6B", "quant", "int8", "q8_0"),
-    "3.6B-int4": ("3.6B", "quant", "int4", "q4_0"),
+# precision -> (toolbox backend, dtype, GGUF type)
+PRECISIONS = {
+    "fp32": ("cpu", "float32", "f32"),
+    "bf16": ("cpu", "bfloat16", "bf16"),
+    "int8": ("quant", "int8", "q8_0"),
+    "int4": ("quant", "int4", "q4_0"),
 }
+# name -> (model, toolbox backend, dtype, GGUF type)
+ROWS = {f"{model}-{precision}": (model, *PRECISIONS[precision])
+        for model, precisions in (("embedded", ("fp32", "int8", "int4")), ("S", ("fp32", "bf16", "int8", "int4")),
+                                  ("L", ("bf16", "int8", "int4")), ("3.6B", ("bf16", "int8", "int4")))
+        for precision in precisions}
 
 
 def llama_dir() -> Path | None:
