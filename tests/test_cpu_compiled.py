@@ -2,11 +2,15 @@
 and against the eager step.
 
 Compiling takes seconds to tens of seconds (inductor), so each compiled model is built
-once for the module: the embedded model in float32 (inductor's autotuned GEMMs, as a small
-float32 model gets) and in int4 (the eager kernels as opaque operators).
+once for the module: the embedded model in float32 (inductor's autotuned GEMMs, compiled
+ahead of time into a library kept on disk, as a small float32 model gets) and in int4 (the
+eager kernels as opaque operators, through torch.compile).
 """
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,10 +32,30 @@ def _greedy(model, prompts, new=NEW):
 
 
 @pytest.fixture(scope="module")
-def compiled():
+def step_cache(tmp_path_factory):
+    """A toolbox cache of this module's own: the float32 step's library is built into it once."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("TOOLBOX_CACHE")
+    os.environ["TOOLBOX_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TOOLBOX_CACHE")
+    else:
+        os.environ["TOOLBOX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
+def compiled(step_cache):
     model = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
     assert model.describe()["compiled"] is True
+    assert model._decode_fn.built  # a fresh cache: the library was built
+    assert list((step_cache / "compiled").glob("*/step-1.so"))
     return model
+
+
+@pytest.fixture(scope="module")
+def eager():
+    return pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": "0"}))
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +84,64 @@ def test_compiled_greedy_tokens_and_logprobs_equal_transformers(compiled):
     assert max(abs(e.logprob - r) for e, r in zip(events, ref)) < 1e-4
 
 
-def test_nothing_recompiles_for_new_prompt_lengths_and_cache_sizes(compiled):
-    """The step was compiled at load on a cache of 5 slots; longer prompts, longer runs and a
-    second generation (a cache of another size) must reuse that graph."""
-    import torch._dynamo
-
+def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, step_cache, eager):
+    """Another process loads the library the fixture built (no compiling, no dynamo) and decodes
+    prompts of other lengths, over caches of other sizes, as the eager step does: the library
+    has no guards, so every size it was exported with must really be dynamic."""
     tok = compiled.tokenizer
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        _greedy(compiled, [tok.encode("吾輩は猫である。" * 20)], new=70)  # crosses 64 and 128 slots
-        _greedy(compiled, [tok.encode("猫")], new=5)
+    prompts = [tok.encode("吾輩は猫である。" * 20), tok.encode("猫")]  # the long one crosses 64 and 128 slots
+    code = ("import json, sys; from pathlib import Path; from toolbox.backend import LoadOptions, GenerationParams; "
+            "from toolbox.backends import pick; "
+            f"m = pick('cpu').load(Path({str(EMBEDDED)!r}), LoadOptions(threads=2, extra={{'compile': '1'}})); "
+            f"out = [[(e.token_id, e.logprob) for s in m.generate_tokens([p], GenerationParams(max_new_tokens=70, "
+            f"min_new_tokens=70, temperature=0.0)) for e in s] for p in {prompts!r}]; "
+            "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'out': out}))")
+    env = {**os.environ, "TOOLBOX_CACHE": str(step_cache)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "loaded from the cache" in run.stderr, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["dynamo"] is False
+    for prompt, ours in zip(prompts, result["out"]):
+        ref = _greedy(eager, [prompt], new=70)
+        assert [t for t, _ in ours] == [e.token_id for e in ref]
+        assert max(abs(lp - e.logprob) for (_, lp), e in zip(ours, ref)) < 1e-4
+
+
+def test_the_step_library_is_kept_per_checkpoint_threads_and_kind(tmp_path, monkeypatch):
+    """A library holds frozen weights and code built for one thread count: a changed checkpoint
+    or another thread count must not reuse it."""
+    from toolbox.runtime.aot import library_path
+    from toolbox.runtime.quant import cache_key
+
+    monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "model"
+    shutil.copytree(EMBEDDED, ckpt)
+    key = cache_key(ckpt, "step-float32", "cpu")
+    one, more = library_path(key, 1), library_path(key, 2)
+    assert one != more and one.parent == more.parent
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        assert library_path(key, 1) != one
+    finally:
+        torch.set_num_threads(threads)
+    weights = next(p for p in ckpt.iterdir() if p.suffix in (".safetensors", ".bin"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    assert library_path(cache_key(ckpt, "step-float32", "cpu"), 1) != one
+
+
+def test_the_library_refuses_inputs_it_was_not_built_for(compiled):
+    step = compiled._decode_fn
+    m = compiled.module
+    cache = [(k.transpose(2, 3).contiguous().transpose(2, 3), v) for k, v in m.new_cache(1, 128)]
+    args = (torch.tensor([[5]]), torch.tensor([[3]]), torch.tensor([3]), None, 4)
+    with torch.inference_mode():
+        step(*args, m.new_cache(1, 128))  # contiguous: fine
+        with pytest.raises(ValueError, match="contiguous"):
+            step(*args, cache)
+        with pytest.raises(ValueError, match="contiguous"):
+            step(*args, [(k.bfloat16(), v.bfloat16()) for k, v in m.new_cache(1, 128)])
 
 
 def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_int4):

@@ -47,7 +47,12 @@ class CPUBackend(Backend):
             pack_linears(module)
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "compiled": compiled}
-        return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options)
+        key = None
+        if compiled:  # the float32 step is kept on disk per checkpoint (toolbox.runtime.aot)
+            from toolbox.runtime.quant import cache_key
+
+            key = cache_key(checkpoint, f"step-{info['dtype']}", "cpu")
+        return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options, key)
 
 
 def compile_setting(options: LoadOptions) -> bool | None:
@@ -76,9 +81,10 @@ def compile_wanted(options: LoadOptions) -> bool:
     return options.workload == "generate" if setting is None else setting
 
 
-def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions):
+def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions, key: str | None = None):
     """A `RuntimeModel` over `module`, with its decode step compiled now when ``compiled``
-    (for batches of one row, and of several too when a long run of generation follows)."""
+    (for batches of one row, and of several too when a long run of generation follows);
+    ``key``: the checkpoint's, for a step kept on disk (`CompiledDecode`)."""
     from toolbox.errors import ToolboxError
     from toolbox.runtime.cpu import CompiledDecode
     from toolbox.runtime.loaded import RuntimeModel
@@ -87,7 +93,7 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         return RuntimeModel(module, tokenizer, info)
     start = time.perf_counter()
     try:
-        step = CompiledDecode(module)
+        step = CompiledDecode(module, key=key)
         step.warm((1, 2) if options.workload == "generate" else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -95,7 +101,8 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
             raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
         print(f"toolbox: cannot compile the decode step ({first}); decoding eagerly", file=sys.stderr)
         return RuntimeModel(module, tokenizer, info)
-    print(f"toolbox: decode step compiled by inductor ({info['dtype']}, {step.kind}) in "
+    how = "in" if step.built else "(ahead of time), loaded from the cache in"
+    print(f"toolbox: decode step compiled by inductor ({info['dtype']}, {step.kind}) {how} "
           f"{time.perf_counter() - start:.1f} s; -o compile=0 to skip", file=sys.stderr)
     return RuntimeModel(module, tokenizer, {**info, "compiled": True}, decode_fn=step, batch_decode_fn=step)
 

@@ -166,7 +166,15 @@ class CompiledDecode:
         size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
         return bool(linears) and all(m.weight.dtype == torch.float32 for m in linears) and size <= CompiledDecode.FREEZE_LIMIT
 
-    def __init__(self, module: GPTNeoX, autotune: bool | None = None):
+    def __init__(self, module: GPTNeoX, autotune: bool | None = None, key: str | None = None):
+        """``key``: the checkpoint's cache key (`toolbox.runtime.quant.cache_key`), under which
+        the float32 step's library is kept on disk (`toolbox.runtime.aot`); None builds it afresh."""
+        self.module, self.key = module, key
+        self.autotuned = self.autotune_pays(module) if autotune is None else autotune
+        #: kind (1: one row, 2: more) -> its step: ahead-of-time libraries (autotuned) or compiled graphs
+        self._steps: dict[int, Callable] = {}
+        if self.autotuned:
+            return
         import warnings
 
         import torch._inductor.config as inductor_config  # imports the compiler: about a second
@@ -174,25 +182,13 @@ class CompiledDecode:
         self._inductor_config = inductor_config
         use_inductor_cache_dir()
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # from inductor's autotuner
-        self.module = module
-        self.autotuned = self.autotune_pays(module) if autotune is None else autotune
-        if self.autotuned:
-            # only inductor's C++ GEMMs: benchmarking them against oneDNN on a busy machine picked either
-            options = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-                       "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
-        else:
-            opaque_linears(pack_linears(module))
-            # a C++ wrapper calls the kernels, not a Python one: 15-30 % of the embedded model's
-            # int4 step, less on larger ones; inductor's caches keep a later compile at seconds
-            # (the frozen float32 graphs above bypass those caches, so they would pay it each load)
-            options = {"cpp_wrapper": True}
-        self._step = torch.compile(_Step(module), dynamic=True, options={"guard_filter_fn": _input_guards})
-        # applied around the first call of each kind (one row; more), where compiling happens:
-        # passed as torch.compile's options, freezing left the weights graph inputs, which
-        # inductor's GEMMs cannot take. A later recompile (none is expected: every size is
-        # dynamic) would miss them and run the products on plain kernels: slower, not wrong.
-        self._config = options
-        self._compiled: set[int] = set()
+        opaque_linears(pack_linears(module))
+        self._graph = torch.compile(_Step(module), dynamic=True, options={"guard_filter_fn": _input_guards})
+
+    @property
+    def built(self) -> bool:
+        """Whether loading compiled anything (false when every step came from the disk cache)."""
+        return any(getattr(step, "built", True) for step in self._steps.values())
 
     @property
     def kind(self) -> str:
@@ -212,31 +208,54 @@ class CompiledDecode:
             cache_pos = pos.clone()
         if key_mask is None:
             key_mask = torch.ones(B, S, dtype=torch.bool, device=ids.device)
-        kind = min(B, 2)
-        if kind in self._compiled:  # compiled already: no config to apply (20-40 µs a call)
-            return self._step(ids, pos, cache_pos, key_mask, kv_len, cache)
-        with self._inductor_config.patch(self._config):
-            out = self._step(ids, pos, cache_pos, key_mask, kv_len, cache)
-        self._compiled.add(kind)
-        return out
+        step = self._steps.get(min(B, 2))
+        if step is None:
+            step = self._step(min(B, 2))
+        return step(ids, pos, cache_pos, key_mask, kv_len, cache)
+
+    def _step(self, kind: int) -> Callable:
+        if self.autotuned:
+            from .aot import AOTStep
+
+            step = self._steps[kind] = AOTStep(self.module, kind, self.key)
+            return step
+        graph, config = self._graph, {"cpp_wrapper": True}
+
+        def first(*args):
+            # a C++ wrapper calls the kernels, not a Python one: 15-30 % of the embedded model's
+            # int4 step, less on larger ones; applied only while this kind compiles (a config
+            # patch on every call cost 20-40 µs). A later recompile (none is expected: every size
+            # is dynamic) would run with a Python wrapper: slower, not wrong.
+            with self._inductor_config.patch(config):
+                out = graph(*args)
+            self._steps[kind] = graph
+            return out
+
+        return first
 
     def warm(self, batch_sizes=(1,)) -> None:
-        """Compile now for decode steps of each batch size (1, and any size >= 2).
-
-        Every size is dynamic, so later prompts and caches reuse the graphs; what a graph
-        does assume holds for every cache the runtime makes: the key mask as wide as the
-        cache, slots in multiples of 64 and more of them than the attention span (see
-        `GPTNeoX.cache_slots`). The sizes used here must not equal a fixed size of the
-        model (heads, head width): equal sizes share a symbol, which would pin the slots.
-        """
-        m = self.module
-        dev = m.device
-        ctx = m.config.max_position_embeddings
-        slots = 320 if ctx >= 320 else max(ctx // 64 * 64, min(ctx, 5))
-        span = 67 if slots >= 128 else 3
+        """Compile (or load) now the decode steps of each batch size (1, and any size >= 2)."""
         with torch.inference_mode():
             for B in sorted(set(min(b, 2) for b in batch_sizes)):
-                cache = m.new_cache(B, slots)
-                ids = torch.zeros(B, 1, dtype=torch.long, device=dev)
-                pos = torch.full((B, 1), span - 1, dtype=torch.long, device=dev)
-                self(ids, pos, pos.clone(), None, span, cache)
+                ids, pos, cache_pos, key_mask, span, cache = example_inputs(self.module, B)
+                self(ids, pos, cache_pos, key_mask, span.shape[0], cache)
+
+
+def example_inputs(module: GPTNeoX, rows: int):
+    """Decode-step inputs that a compiled step generalises from: ``(ids, pos, cache_pos, key_mask,
+    span, cache)``, the attention span as the length of an empty tensor.
+
+    Every size is dynamic, so later prompts and caches reuse what these compile; what the
+    step does assume holds for every cache the runtime makes: the key mask as wide as the
+    cache, slots in multiples of 64 and more of them than the attention span (see
+    `GPTNeoX.cache_slots`). The sizes here (320 slots, a span of 67) must not equal a fixed
+    size of the model (heads, head width): dynamo gives equal sizes one symbol, which would
+    pin the slots.
+    """
+    ctx, dev = module.config.max_position_embeddings, module.device
+    slots = 320 if ctx >= 320 else max(ctx // 64 * 64, min(ctx, 5))
+    span = 67 if slots >= 128 else 3
+    pos = torch.full((rows, 1), span - 1, dtype=torch.long, device=dev)
+    return (torch.zeros(rows, 1, dtype=torch.long, device=dev), pos, pos.clone(),
+            torch.ones(rows, slots, dtype=torch.bool, device=dev), torch.empty(span, 0, device=dev),
+            module.new_cache(rows, slots))
