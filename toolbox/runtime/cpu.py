@@ -12,12 +12,15 @@ thread, 0.3 ms of the embedded model's). The products themselves (docs/performan
 
 - float32: frozen into the graph and run by inductor's own C++ GEMMs, which stream
   float32 weights at one row about 1.5x as fast as oneDNN's prepacked kernels (and
-  skip their 10-15 µs of overhead a call); the frozen copy doubles the weights' memory
-  (the eager module keeps its own for the prompt's prefill);
+  skip their 10-15 µs of overhead a call). Compiled ahead of time into a library kept
+  on disk (`toolbox.runtime.aot`): frozen weights would keep the graph out of inductor's
+  caches, so torch.compile paid its 9-10 s again in every process; the library loads in
+  milliseconds and runs without dynamo. It holds a second copy of the weights (the
+  eager module keeps its own for the prompt's prefill);
 - bfloat16 (oneDNN prepacked), int8 (fbgemm) and int4 (torch's int4 kernel): the eager
   kernels, called as opaque operators from the compiled graph (`opaque_linears`), which
-  a C++ wrapper runs: no freezing, no autotuning, so inductor's on-disk caches make a
-  later compile take seconds.
+  a C++ wrapper runs, compiled by torch.compile: no freezing, no autotuning, so
+  inductor's on-disk caches make a later compile take seconds.
 
 The KV cache goes into the compiled step as an input (not as module state) and every
 size is dynamic: one graph serves every prompt length, cache size and attention span,
