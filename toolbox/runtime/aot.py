@@ -36,6 +36,34 @@ OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends":
            "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
 
 
+def use_inductor_cache_dir() -> None:
+    """Keep inductor's compiled kernels and autotuning results with the toolbox's caches
+    (``$TOOLBOX_CACHE/inductor``, which survives reboots unlike /tmp), unless the user chose."""
+    from .quant import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
+
+
+def example_inputs(module: GPTNeoX, rows: int):
+    """Decode-step inputs that a compiled step generalises from: ``(ids, pos, cache_pos, key_mask,
+    span, cache)``, the attention span as the length of an empty tensor.
+
+    Every size is dynamic, so later prompts and caches reuse what these compile; what the
+    step does assume holds for every cache the runtime makes: the key mask as wide as the
+    cache, slots in multiples of 64 and more of them than the attention span (see
+    `GPTNeoX.cache_slots`). The sizes here (320 slots, a span of 67) must not equal a fixed
+    size of the model (heads, head width): dynamo gives equal sizes one symbol, which would
+    pin the slots.
+    """
+    ctx, dev = module.config.max_position_embeddings, module.device
+    slots = 320 if ctx >= 320 else max(ctx // 64 * 64, min(ctx, 5))
+    span = 67 if slots >= 128 else 3
+    pos = torch.full((rows, 1), span - 1, dtype=torch.long, device=dev)
+    return (torch.zeros(rows, 1, dtype=torch.long, device=dev), pos, pos.clone(),
+            torch.ones(rows, slots, dtype=torch.bool, device=dev), torch.empty(span, 0, device=dev),
+            module.new_cache(rows, slots))
+
+
 class _Exported(nn.Module):
     """The decode step as exported: the attention span comes as the length of an empty tensor,
     which keeps it a size the library reads at run time (an int input would be frozen)."""
@@ -77,8 +105,6 @@ def build(module: GPTNeoX, kind: int, target: Path) -> None:
     """Export the decode step of ``kind`` and compile it into the library ``target`` (atomically)."""
     import torch._inductor  # the compiler: seconds to import, only when building
     from torch.export import Dim
-
-    from .cpu import example_inputs, use_inductor_cache_dir
 
     use_inductor_cache_dir()
     args = example_inputs(module, kind)

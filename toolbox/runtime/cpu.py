@@ -30,7 +30,6 @@ recompiles in the middle of a generation.
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections.abc import Callable
 from itertools import count
@@ -38,6 +37,7 @@ from itertools import count
 import torch
 from torch import Tensor, nn
 
+from .aot import AOTStep, example_inputs, use_inductor_cache_dir
 from .model import GPTNeoX
 
 
@@ -117,14 +117,6 @@ def opaque_linears(module: nn.Module) -> None:
 
 
 # --- the compiled decode step ---------------------------------------------------------
-
-
-def use_inductor_cache_dir() -> None:
-    """Keep inductor's compiled kernels and autotuning results with the toolbox's caches
-    (``$TOOLBOX_CACHE/inductor``, which survives reboots unlike /tmp), unless the user chose."""
-    from toolbox.runtime.quant import cache_root
-
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
 
 
 class _Step(nn.Module):
@@ -218,8 +210,6 @@ class CompiledDecode:
 
     def _step(self, kind: int) -> Callable:
         if self.autotuned:
-            from .aot import AOTStep
-
             step = self._steps[kind] = AOTStep(self.module, kind, self.key)
             return step
         graph, config = self._graph, {"cpp_wrapper": True}
@@ -242,23 +232,3 @@ class CompiledDecode:
             for B in sorted(set(min(b, 2) for b in batch_sizes)):
                 ids, pos, cache_pos, key_mask, span, cache = example_inputs(self.module, B)
                 self(ids, pos, cache_pos, key_mask, span.shape[0], cache)
-
-
-def example_inputs(module: GPTNeoX, rows: int):
-    """Decode-step inputs that a compiled step generalises from: ``(ids, pos, cache_pos, key_mask,
-    span, cache)``, the attention span as the length of an empty tensor.
-
-    Every size is dynamic, so later prompts and caches reuse what these compile; what the
-    step does assume holds for every cache the runtime makes: the key mask as wide as the
-    cache, slots in multiples of 64 and more of them than the attention span (see
-    `GPTNeoX.cache_slots`). The sizes here (320 slots, a span of 67) must not equal a fixed
-    size of the model (heads, head width): dynamo gives equal sizes one symbol, which would
-    pin the slots.
-    """
-    ctx, dev = module.config.max_position_embeddings, module.device
-    slots = 320 if ctx >= 320 else max(ctx // 64 * 64, min(ctx, 5))
-    span = 67 if slots >= 128 else 3
-    pos = torch.full((rows, 1), span - 1, dtype=torch.long, device=dev)
-    return (torch.zeros(rows, 1, dtype=torch.long, device=dev), pos, pos.clone(),
-            torch.ones(rows, slots, dtype=torch.bool, device=dev), torch.empty(span, 0, device=dev),
-            module.new_cache(rows, slots))
