@@ -2,9 +2,9 @@
 and against the eager step.
 
 Compiling takes seconds to tens of seconds (inductor), so each compiled model is built
-once for the module: the embedded model in float32 (inductor's autotuned GEMMs, compiled
-ahead of time into a library kept on disk, as a small float32 model gets) and in int4 (the
-eager kernels as opaque operators, through torch.compile).
+once for the module: the embedded model in float32 (inductor's autotuned GEMMs) and in
+int4 (torch's int4 kernel), both compiled ahead of time into libraries kept on disk, and
+in int8 (fbgemm's kernels as opaque operators in a graph of torch.compile's).
 """
 
 import json
@@ -58,12 +58,14 @@ def eager():
     return pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": "0"}))
 
 
-@pytest.fixture(scope="module")
-def compiled_int4(tmp_path_factory):
+@pytest.fixture(scope="module", params=["int4", "int8"])
+def compiled_quant(request, step_cache):
     options = {"compile": "1", "quant_cache": "0"}
-    model = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype="int4", threads=2, extra=options,
+    model = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype=request.param, threads=2, extra=options,
                                                             workload="generate"))
-    eager = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype="int4", threads=2, extra={"compile": "0"}))
+    assert model._decode_fn.ahead == ("int4" if request.param == "int4" else None)
+    eager = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype=request.param, threads=2,
+                                                            extra={"compile": "0"}))
     return model, eager
 
 
@@ -144,14 +146,15 @@ def test_the_library_refuses_inputs_it_was_not_built_for(compiled):
             step(*args, [(k.bfloat16(), v.bfloat16()) for k, v in m.new_cache(1, 128)])
 
 
-def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_int4):
+def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_quant):
     """Compiled at load for one row and for several (a long run of generation): batches, the
-    continuous batcher and a span past 64 slots (the 16-bit attention rounds it) reuse those graphs."""
+    continuous batcher and a span past 64 slots (the 16-bit attention rounds it) reuse those
+    steps (torch.compile's graphs do not recompile)."""
     import torch._dynamo
 
     from toolbox.batching import SequenceRequest
 
-    model, eager = compiled_int4
+    model, eager = compiled_quant
     tok = model.tokenizer
     prompts = [tok.encode("吾輩は猫である。"), tok.encode("名前はまだ無い。どこで生れたか")]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -120,3 +120,16 @@ def test_int4_generates_greedily_like_its_own_scores(int4_model):
     # each greedy token is the model's top choice, and decode and scoring agree on its logprob
     assert all(r == 1 for r in scored.ranks[len(prompt) - 1:])
     assert max(abs(e.logprob - s) for e, s in zip(events, scored.logprobs[len(prompt) - 1:])) < 0.05
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_a_load_from_the_quantized_cache_prints_only_the_output(run_toolbox, tmp_path, scheme):
+    """The cached layers are rebuilt from quantized placeholders, which torch warns about on
+    every creation; a user sees the generated text and nothing else (stderr stays empty)."""
+    env = {"TOOLBOX_CACHE": str(tmp_path / "cache"), "TOOLBOX_QUANT_CACHE": "1"}
+    args = ("generate", "吾輩は猫である。", "-b", "quant", "--dtype", scheme, "--max-new-tokens", "4",
+            "--temperature", "0", "-o", "quant_cache=1")
+    first, again = run_toolbox(*args, env=env, timeout=120), run_toolbox(*args, env=env, timeout=120)
+    assert first.returncode == 0 and again.returncode == 0, again.stderr.decode()
+    assert list((tmp_path / "cache" / "quantized").iterdir())  # the second run loaded from it
+    assert again.stderr.decode() == "" and again.stdout == first.stdout

@@ -33,7 +33,8 @@ class CPUBackend(Backend):
         import torch
 
         from toolbox.errors import ToolboxError
-        from toolbox.runtime.cpu import CompiledDecode, pack_linears
+        from toolbox.runtime.aot import scheme
+        from toolbox.runtime.cpu import pack_linears
         from toolbox.runtime.loaded import checkpoint_tokenizer, load_module, torch_dtype
 
         if options.device not in (None, "cpu"):
@@ -43,16 +44,11 @@ class CPUBackend(Backend):
         if options.threads:
             torch.set_num_threads(options.threads)
         module = load_module(checkpoint, "cpu", dtype)
-        if not (compiled and CompiledDecode.autotune_pays(module)):  # else inductor packs them its own way
+        if not (compiled and scheme(module) == "float32"):  # else inductor packs them its own way
             pack_linears(module)
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "compiled": compiled}
-        key = None
-        if compiled:  # the float32 step is kept on disk per checkpoint (toolbox.runtime.aot)
-            from toolbox.runtime.quant import cache_key
-
-            key = cache_key(checkpoint, f"step-{info['dtype']}", "cpu")
-        return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options, key)
+        return runtime_model(module, checkpoint_tokenizer(checkpoint), info, compiled, options, checkpoint)
 
 
 def compile_setting(options: LoadOptions) -> bool | None:
@@ -81,10 +77,10 @@ def compile_wanted(options: LoadOptions) -> bool:
     return options.workload == "generate" if setting is None else setting
 
 
-def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions, key: str | None = None):
-    """A `RuntimeModel` over `module`, with its decode step compiled now when ``compiled``
-    (for batches of one row, and of several too when a long run of generation follows);
-    ``key``: the checkpoint's, for a step kept on disk (`CompiledDecode`)."""
+def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions, checkpoint: Path):
+    """A `RuntimeModel` over `module` (loaded from ``checkpoint``), with its decode step
+    compiled now when ``compiled`` (for batches of one row, and of several too when a long
+    run of generation follows); a step compiled ahead of time is kept on disk per checkpoint."""
     from toolbox.errors import ToolboxError
     from toolbox.runtime.cpu import CompiledDecode
     from toolbox.runtime.loaded import RuntimeModel
@@ -93,7 +89,9 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         return RuntimeModel(module, tokenizer, info)
     start = time.perf_counter()
     try:
-        step = CompiledDecode(module, key=key)
+        from toolbox.runtime.quant import cache_key
+
+        step = CompiledDecode(module, key=cache_key(checkpoint, f"step-{info['dtype']}", "cpu"))
         step.warm((1, 2) if options.workload == "generate" else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

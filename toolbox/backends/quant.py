@@ -63,7 +63,7 @@ class QuantBackend(Backend):
         if gpu is None:
             from toolbox.backends.cpu import compile_wanted, runtime_model
 
-            return runtime_model(module, tokenizer, info, compile_wanted(options), options)
+            return runtime_model(module, tokenizer, info, compile_wanted(options), options, checkpoint)
         from toolbox.runtime.graphs import fast_runtime_model
 
         return fast_runtime_model(module, tokenizer, info, gpu)

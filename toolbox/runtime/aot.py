@@ -1,16 +1,22 @@
-"""The float32 decode step compiled ahead of time (AOTInductor) into a shared library on disk.
+"""Decode steps compiled ahead of time (AOTInductor) into shared libraries kept on disk.
 
-Why not torch.compile for it: the frozen float32 graph (inductor's C++ GEMMs, which stream
-float32 weights at one row about 1.5x as fast as oneDNN) holds prepacked weights that
-inductor's caches cannot store, so every process compiled again (9-10 s for the embedded
-model), and every step went through dynamo's guards and a Python wrapper (0.1 of the
-embedded model's 0.36 ms). Exported once per checkpoint, thread count and CPU into a
-library under ``$TOOLBOX_CACHE/compiled``, the step loads in milliseconds without
-importing the compiler and runs from C++ (0.21 ms; docs/performance.md).
+Two kinds of model get one (`scheme`):
 
-The library holds the frozen weights (the float32 model's size once more on disk) and
-was built for one machine: the key covers the checkpoint's files, torch, the thread count
-and the CPU. There are no guards at run time, so `AOTStep` checks what the export assumed.
+- float32: the weights frozen into the step and run by inductor's own C++ GEMMs, which
+  stream float32 weights at one row about 1.5x as fast as oneDNN. torch.compile could
+  not keep that graph in inductor's caches (its prepacked weights do not pickle), so
+  every process compiled it again (9-10 s for the embedded model); the library also
+  holds the frozen copy of the weights;
+- int4 (`toolbox.runtime.int4`): the layers on torch's int4 kernel; the output layer
+  (fbgemm's int8, which export cannot take) runs after the library, on its hidden state.
+  The library reads the module's own tensors (`_share_weights`), so the weights stay in
+  memory once.
+
+Built once per checkpoint, thread count, CPU and kind of step (one row; more) under
+``$TOOLBOX_CACHE/compiled``, a library loads in milliseconds without importing the
+compiler and runs from C++ without dynamo's guards or a Python wrapper (the embedded
+float32 step 0.36 -> 0.20 ms, int4 0.28 -> 0.14 ms; docs/performance.md). Nothing checks
+the inputs in C++, so `AOTStep` checks what the export assumed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -31,9 +38,32 @@ from .model import GPTNeoX
 #: bump when what is exported changes (inputs, options)
 FORMAT = 1
 
-#: inductor's own C++ GEMMs on frozen weights, without the choices' report
-OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-           "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
+#: per scheme: float32 on inductor's own C++ GEMMs over frozen weights (without the
+#: choices' report); int4 on the eager kernel, its weights left as they are (shared)
+OPTIONS = {"float32": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                       "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0},
+           "int4": {}}
+
+#: the most weight bytes a library may copy (float32: a second copy, in memory too)
+SIZE_LIMIT = 2 << 30
+
+
+def scheme(module: GPTNeoX) -> str | None:
+    """``"float32"`` (every Linear a float32 `nn.Linear`), ``"int4"`` (every Linear of the
+    layers an `Int4Linear`), or None: another kind, or weights past `SIZE_LIMIT`, which
+    torch.compile handles (`toolbox.runtime.cpu.CompiledDecode`)."""
+    from .int4 import Int4Linear
+
+    inner = [m for m in module.layers.modules() if hasattr(m, "in_features")]
+    linears = [*inner, module.embed_out]
+    if all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears):
+        found, size = "float32", sum(m.weight.numel() * 4 for m in linears)
+    elif inner and all(isinstance(m, Int4Linear) for m in inner):
+        found = "int4"
+        size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    else:
+        return None
+    return found if size <= SIZE_LIMIT else None
 
 
 def use_inductor_cache_dir() -> None:
@@ -66,14 +96,15 @@ def example_inputs(module: GPTNeoX, rows: int):
 
 class _Exported(nn.Module):
     """The decode step as exported: the attention span comes as the length of an empty tensor,
-    which keeps it a size the library reads at run time (an int input would be frozen)."""
+    which keeps it a size the library reads at run time (an int input would be frozen);
+    ``head=False``: up to the output layer's input."""
 
-    def __init__(self, module: GPTNeoX):
+    def __init__(self, module: GPTNeoX, head: bool):
         super().__init__()
-        self.module = module
+        self.module, self.head = module, head
 
     def forward(self, ids, pos, cache_pos, key_mask, span, cache):
-        return self.module(ids, pos, cache_pos, key_mask, kv_len=span.shape[0], cache=cache)
+        return self.module._run(ids, pos, cache_pos, key_mask, span.shape[0], False, cache, head=self.head)
 
 
 def _cpu_id() -> str:
@@ -89,8 +120,9 @@ def _cpu_id() -> str:
 
 
 def library_path(key: str | None, kind: int) -> Path | None:
-    """Where the library of a checkpoint (``key``: `toolbox.runtime.quant.cache_key`) and a
-    kind of step (1: one row, 2: two or more) lives; None without a key (built afresh)."""
+    """Where the library of a checkpoint (``key``: `toolbox.runtime.quant.cache_key` of the
+    checkpoint and its scheme) and a kind of step (1: one row, 2: two or more) lives; None
+    without a key (built afresh)."""
     if key is None:
         return None
     from .quant import cache_root
@@ -103,6 +135,9 @@ def library_path(key: str | None, kind: int) -> Path | None:
 
 def build(module: GPTNeoX, kind: int, target: Path) -> None:
     """Export the decode step of ``kind`` and compile it into the library ``target`` (atomically)."""
+    found = scheme(module)
+    if found is None:
+        raise ValueError("this model's decode step is not one that compiles ahead of time")
     import torch._inductor  # the compiler: seconds to import, only when building
     from torch.export import Dim
 
@@ -114,20 +149,44 @@ def build(module: GPTNeoX, kind: int, target: Path) -> None:
     cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[5]]
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
               "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "cache": cache}
-    with torch.no_grad():
-        program = torch.export.export(_Exported(module), args, dynamic_shapes=shapes, strict=False)
+    head = module.embed_out
+    if found == "int4":  # out of the module while exporting: export cannot take fbgemm's packed weights
+        module.embed_out = nn.Identity()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / "step.pt2"),
-                                                           inductor_configs=OPTIONS)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
+            program = torch.export.export(_Exported(module, head=found == "float32"), args, dynamic_shapes=shapes,
+                                          strict=False)
+            module.embed_out = head
+            package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / "step.pt2"),
+                                                               inductor_configs=OPTIONS[found])
         with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
             (member,) = [n for n in archive.namelist() if n.endswith(".so")]
             with archive.open(member) as src, open(work / "step.so", "wb") as dst:
                 shutil.copyfileobj(src, dst)
         os.replace(work / "step.so", target)  # another process may have won: same contents
     finally:
+        module.embed_out = head
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _share_weights(runner, module: GPTNeoX) -> None:
+    """Point the library's constants at ``module``'s own tensors and free its copies (int4:
+    the constants are the module's state as it was exported). The few constants inductor
+    made itself (scalars) keep their values."""
+    names = runner.get_constant_names_to_original_fqns()
+    active = runner.extract_constants_map(False)
+    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    mapping = {}
+    for name, fqn in names.items():
+        own = state.get(fqn.removeprefix("module."))
+        mapping[name] = own if own is not None else active[fqn].clone()
+    del active
+    runner.update_constant_buffer(mapping, True, True, True)  # the inactive set, all of it, ours
+    runner.swap_constant_buffer()
+    runner.free_inactive_constant_buffer()
 
 
 class AOTStep:
@@ -148,7 +207,10 @@ class AOTStep:
             if self.built:
                 build(module, kind, path)
             self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
-        self.kind, self.path = kind, path
+        self.kind, self.path, self.scheme = kind, path, scheme(module)
+        self._head = None if self.scheme == "float32" else module.embed_out
+        if self._head is not None:
+            _share_weights(self._runner, module)
         self._dtype = module.dtype
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor, kv_len: int, cache) -> Tensor:
@@ -160,4 +222,5 @@ class AOTStep:
                              f"{'one row' if self.kind == 1 else 'two rows or more'}; got {B} rows")
         flat = [ids, pos, cache_pos, key_mask, torch.empty(kv_len, 0)]
         flat.extend(t for kv in cache for t in kv)
-        return self._runner.run(flat)[0]
+        out = self._runner.run(flat)[0]
+        return out if self._head is None else self._head(out).float()

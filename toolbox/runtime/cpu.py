@@ -10,17 +10,15 @@ Compiled (`CompiledDecode`): the decode step compiled by inductor, which fuses t
 small operations around the matrix products (1-2 ms of a shape-S step eagerly at one
 thread, 0.3 ms of the embedded model's). The products themselves (docs/performance.md):
 
-- float32: frozen into the graph and run by inductor's own C++ GEMMs, which stream
-  float32 weights at one row about 1.5x as fast as oneDNN's prepacked kernels (and
-  skip their 10-15 µs of overhead a call). Compiled ahead of time into a library kept
-  on disk (`toolbox.runtime.aot`): frozen weights would keep the graph out of inductor's
-  caches, so torch.compile paid its 9-10 s again in every process; the library loads in
-  milliseconds and runs without dynamo. It holds a second copy of the weights (the
-  eager module keeps its own for the prompt's prefill);
-- bfloat16 (oneDNN prepacked), int8 (fbgemm) and int4 (torch's int4 kernel): the eager
-  kernels, called as opaque operators from the compiled graph (`opaque_linears`), which
-  a C++ wrapper runs, compiled by torch.compile: no freezing, no autotuning, so
-  inductor's on-disk caches make a later compile take seconds.
+- float32 (up to 2 GiB of weights): frozen into the step and run by inductor's own C++
+  GEMMs, which stream float32 weights at one row about 1.5x as fast as oneDNN's
+  prepacked kernels; and int4 (torch's int4 kernel): both compiled ahead of time into
+  libraries kept on disk (`toolbox.runtime.aot`), built once per machine and loaded in
+  milliseconds;
+- bfloat16 (oneDNN prepacked) and int8 (fbgemm), whose packed weights export cannot
+  take: the eager kernels, called as opaque operators (`opaque_linears`) from a graph
+  that torch.compile builds in every process, with a C++ wrapper; no freezing, no
+  autotuning, so inductor's on-disk caches make a later compile take seconds.
 
 The KV cache goes into the compiled step as an input (not as module state) and every
 size is dynamic: one graph serves every prompt length, cache size and attention span,
@@ -37,7 +35,7 @@ from itertools import count
 import torch
 from torch import Tensor, nn
 
-from .aot import AOTStep, example_inputs, use_inductor_cache_dir
+from .aot import AOTStep, example_inputs, scheme, use_inductor_cache_dir
 from .model import GPTNeoX
 
 
@@ -147,28 +145,15 @@ class CompiledDecode:
     The module must not change afterwards (float32 weights are frozen into the graph).
     """
 
-    #: float32 weights up to this size are frozen into the graph (a second copy of them)
-    FREEZE_LIMIT = 2 << 30
-
-    @staticmethod
-    def autotune_pays(module: nn.Module) -> bool:
-        """Whether inductor's own C++ GEMMs should run the products: plain float32 Linears
-        of at most `FREEZE_LIMIT` bytes. At one row they stream float32 weights at about 1.5x
-        oneDNN's speed (34 against 23 GB/s on one core: docs/performance.md) but need the
-        weights frozen, i.e. copied (the 3.6B's 14 GB would be 28); in bfloat16 they are 2.4x
-        slower than oneDNN's prepacked kernels, which stay."""
-        linears = [m for m in module.modules() if type(m) is nn.Linear]
-        size = sum(m.weight.numel() * m.weight.element_size() for m in linears)
-        return bool(linears) and all(m.weight.dtype == torch.float32 for m in linears) and size <= CompiledDecode.FREEZE_LIMIT
-
-    def __init__(self, module: GPTNeoX, autotune: bool | None = None, key: str | None = None):
-        """``key``: the checkpoint's cache key (`toolbox.runtime.quant.cache_key`), under which
-        the float32 step's library is kept on disk (`toolbox.runtime.aot`); None builds it afresh."""
+    def __init__(self, module: GPTNeoX, key: str | None = None):
+        """``key``: the checkpoint's cache key (`toolbox.runtime.quant.cache_key`), under which a
+        step compiled ahead of time is kept on disk (`toolbox.runtime.aot`); None builds it afresh."""
         self.module, self.key = module, key
-        self.autotuned = self.autotune_pays(module) if autotune is None else autotune
-        #: kind (1: one row, 2: more) -> its step: ahead-of-time libraries (autotuned) or compiled graphs
+        #: "float32" or "int4": compiled ahead of time (`toolbox.runtime.aot.scheme`); None: torch.compile
+        self.ahead = scheme(module)
+        #: kind (1: one row, 2: more) -> its step: an ahead-of-time library or the compiled graph
         self._steps: dict[int, Callable] = {}
-        if self.autotuned:
+        if self.ahead:
             return
         import warnings
 
@@ -188,7 +173,7 @@ class CompiledDecode:
     @property
     def kind(self) -> str:
         """What the products run on, for the one-line note."""
-        return "inductor's C++ GEMMs" if self.autotuned else "the eager kernels"
+        return "inductor's C++ GEMMs" if self.ahead == "float32" else "the eager kernels"
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
                  cache=None) -> Tensor:
@@ -209,7 +194,7 @@ class CompiledDecode:
         return step(ids, pos, cache_pos, key_mask, kv_len, cache)
 
     def _step(self, kind: int) -> Callable:
-        if self.autotuned:
+        if self.ahead:
             step = self._steps[kind] = AOTStep(self.module, kind, self.key)
             return step
         graph, config = self._graph, {"cpp_wrapper": True}

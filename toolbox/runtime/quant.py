@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 INT4_GROUP = 128
@@ -51,7 +52,6 @@ def quantize_cpu_int8(module):
     The layer norms end in float32, as the int8 Linears expect; the input embedding stays
     as stored (its rows are widened as they are looked up), which halves its memory.
     """
-    import warnings
 
     import torch
     from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
@@ -286,12 +286,14 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         if dev.type != "cpu":
             raise ValueError(f"{directory}: CPU-quantized weights cannot be loaded on {dev}")
         scheme = json.loads((directory / "source.json").read_text(encoding="utf-8")).get("scheme")
-        if scheme == "int4":
-            from toolbox.runtime.int4 import int4_skeleton
+        with warnings.catch_warnings():  # the placeholders are quantized tensors, which torch deprecates
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+            if scheme == "int4":
+                from toolbox.runtime.int4 import int4_skeleton
 
-            int4_skeleton(module)
-        else:
-            _int8_skeleton(module)
+                int4_skeleton(module)
+            else:
+                _int8_skeleton(module)
         _load_parts(module, directory)
         release_freed_memory()
     else:
@@ -331,7 +333,6 @@ def _load_parts(module, directory: Path) -> None:
     the peak is the packed model plus a layer a thread (the 3.6B's whole state read at
     once doubled it).
     """
-    import warnings
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
