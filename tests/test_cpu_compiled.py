@@ -144,6 +144,11 @@ def test_the_library_refuses_inputs_it_was_not_built_for(compiled):
             step(*args, cache)
         with pytest.raises(ValueError, match="contiguous"):
             step(*args, [(k.bfloat16(), v.bfloat16()) for k, v in m.new_cache(1, 128)])
+        one_row = step._steps[1]  # the library of one row, handed two
+        two = m.new_cache(2, 128)
+        with pytest.raises(ValueError, match="takes one row, not 2"):
+            one_row(torch.tensor([[5], [6]]), torch.tensor([[3], [3]]), torch.tensor([[3], [3]]),
+                    torch.ones(2, 128, dtype=torch.bool), 4, two)
 
 
 def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_quant):

@@ -212,15 +212,22 @@ class AOTStep:
         if self._head is not None:
             _share_weights(self._runner, module)
         self._dtype = module.dtype
+        #: the cache last checked and its tensors in the library's order (the same list every step of a
+        #: generation: checked once); the attention spans as empty tensors, by length
+        self._cache, self._tensors, self._spans = None, [], {}
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor, kv_len: int, cache) -> Tensor:
         # what the export assumed and nothing checks in C++: a wrong layout would read wrong memory
-        B = ids.shape[0]
-        if (B > 1) != (self.kind > 1) or not all(t.is_contiguous() and t.dtype == self._dtype
-                                                 for kv in cache for t in kv):
-            raise ValueError(f"the compiled step takes contiguous {self._dtype} caches and "
-                             f"{'one row' if self.kind == 1 else 'two rows or more'}; got {B} rows")
-        flat = [ids, pos, cache_pos, key_mask, torch.empty(kv_len, 0)]
-        flat.extend(t for kv in cache for t in kv)
-        out = self._runner.run(flat)[0]
+        if cache is not self._cache:
+            tensors = [t for kv in cache for t in kv]
+            if not all(t.is_contiguous() and t.dtype == self._dtype for t in tensors):
+                raise ValueError(f"the compiled step takes contiguous {self._dtype} caches")
+            self._cache, self._tensors = cache, tensors
+        if (ids.shape[0] > 1) != (self.kind > 1):
+            raise ValueError(f"this compiled step takes {'one row' if self.kind == 1 else 'two rows or more'}, "
+                             f"not {ids.shape[0]}")
+        span = self._spans.get(kv_len)
+        if span is None:
+            span = self._spans[kv_len] = torch.empty(kv_len, 0)
+        out = self._runner.run([ids, pos, cache_pos, key_mask, span, *self._tensors])[0]
         return out if self._head is None else self._head(out).float()
