@@ -110,6 +110,20 @@ def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, s
         assert max(abs(lp - e.logprob) for (_, lp), e in zip(ours, ref)) < 1e-4
 
 
+def test_a_damaged_library_is_built_again(compiled, step_cache, eager, tmp_path, monkeypatch):
+    """A library file that does not load (a disk error, a copy cut short) is rebuilt, not fatal."""
+    shutil.copytree(step_cache / "compiled", tmp_path / "compiled")
+    (library,) = (tmp_path / "compiled").glob("*/step-1.so")
+    library.write_bytes(b"not a shared library")
+    monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path))
+    model = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
+    assert model._decode_fn.built
+    prompt = [compiled.tokenizer.encode("吾輩は猫である。")]
+    assert [e.token_id for e in _greedy(model, prompt)] == [e.token_id for e in _greedy(eager, prompt)]
+    again = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
+    assert not again._decode_fn.built  # the rebuilt file loads
+
+
 def test_the_step_library_is_kept_per_checkpoint_threads_and_kind(tmp_path, monkeypatch):
     """A library holds frozen weights and code built for one thread count: a changed checkpoint
     or another thread count must not reuse it."""

@@ -206,7 +206,14 @@ class AOTStep:
         else:
             if self.built:
                 build(module, kind, path)
-            self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+            try:
+                self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+            except RuntimeError:  # a damaged file (a disk error, a copy cut short): built again
+                if self.built:
+                    raise
+                self.built = True
+                build(module, kind, path)
+                self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
         self.kind, self.path, self.scheme = kind, path, scheme(module)
         self._head = None if self.scheme == "float32" else module.embed_out
         if self._head is not None:
