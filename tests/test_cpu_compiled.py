@@ -48,8 +48,9 @@ def step_cache(tmp_path_factory):
 def compiled(step_cache):
     model = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
     assert model.describe()["compiled"] is True
-    assert model._decode_fn.built  # a fresh cache: the library was built
-    assert list((step_cache / "compiled").glob("*/step-1.so"))
+    assert model._decode_fn.built  # a fresh cache: the libraries were built, for one row and for more
+    assert set(model._decode_fn._steps) == {1, 2}  # even for a one-shot load: no build in mid-run
+    assert list((step_cache / "compiled").glob("*/step-1.so")) and list((step_cache / "compiled").glob("*/step-2.so"))
     return model
 
 

@@ -80,7 +80,8 @@ def compile_wanted(options: LoadOptions) -> bool:
 def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOptions, checkpoint: Path):
     """A `RuntimeModel` over `module` (loaded from ``checkpoint``), with its decode step
     compiled now when ``compiled`` (for batches of one row, and of several too when a long
-    run of generation follows); a step compiled ahead of time is kept on disk per checkpoint."""
+    run of generation follows or the steps are compiled ahead of time, kept on disk per
+    checkpoint)."""
     from toolbox.errors import ToolboxError
     from toolbox.runtime.cpu import CompiledDecode
     from toolbox.runtime.loaded import RuntimeModel
@@ -92,7 +93,9 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         from toolbox.runtime.quant import cache_key
 
         step = CompiledDecode(module, key=cache_key(checkpoint, f"step-{info['dtype']}", "cpu"))
-        step.warm((1, 2) if options.workload == "generate" else (1,))
+        # both kinds of step (one row; more) for long runs, and wherever they are kept on disk
+        # (built once per machine): a batch of rows would otherwise build its kind mid-run
+        step.warm((1, 2) if options.workload == "generate" or step.ahead else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if compile_setting(options) is not None:  # asked for by name, not by auto
