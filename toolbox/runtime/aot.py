@@ -133,11 +133,9 @@ def library_path(key: str | None, kind: int) -> Path | None:
     return cache_root() / "compiled" / digest / f"step-{kind}.so"
 
 
-def build(module: GPTNeoX, kind: int, target: Path) -> None:
-    """Export the decode step of ``kind`` and compile it into the library ``target`` (atomically)."""
-    found = scheme(module)
-    if found is None:
-        raise ValueError("this model's decode step is not one that compiles ahead of time")
+def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
+    """Export the decode step of ``kind`` of a model of scheme ``found`` (`scheme`) and compile
+    it into the library ``target`` (atomically)."""
     import torch._inductor  # the compiler: seconds to import, only when building
     from torch.export import Dim
 
@@ -159,7 +157,6 @@ def build(module: GPTNeoX, kind: int, target: Path) -> None:
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
             program = torch.export.export(_Exported(module, head=found == "float32"), args, dynamic_shapes=shapes,
                                           strict=False)
-            module.embed_out = head
             package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / "step.pt2"),
                                                                inductor_configs=OPTIONS[found])
         with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
@@ -193,29 +190,28 @@ class AOTStep:
     """One kind of decode step (1: one row; 2: two rows or more) from its library: called like
     the compiled step (`toolbox.runtime.cpu.CompiledDecode`) with the inputs it normalised."""
 
-    def __init__(self, module: GPTNeoX, kind: int, key: str | None):
+    def __init__(self, module: GPTNeoX, kind: int, key: str | None, found: str):
+        """``found``: the model's `scheme`; ``key``: see `library_path` (None: built in a scratch folder)."""
         path = library_path(key, kind)
-        self.built = path is None or not path.is_file()
-        if path is None:
-            scratch = Path(tempfile.mkdtemp(prefix="toolbox-step-"))
-            try:
-                build(module, kind, scratch / "step.so")
-                self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(scratch / "step.so"), 1)
-            finally:  # loaded: the file may go
-                shutil.rmtree(scratch, ignore_errors=True)
-        else:
+        scratch = None if path else Path(tempfile.mkdtemp(prefix="toolbox-step-"))
+        path = path or scratch / "step.so"
+        try:
+            self.built = not path.is_file()
             if self.built:
-                build(module, kind, path)
+                build(module, kind, path, found)
             try:
                 self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
             except RuntimeError:  # a damaged file (a disk error, a copy cut short): built again
                 if self.built:
                     raise
                 self.built = True
-                build(module, kind, path)
+                build(module, kind, path, found)
                 self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
-        self.kind, self.path, self.scheme = kind, path, scheme(module)
-        self._head = None if self.scheme == "float32" else module.embed_out
+        finally:  # loaded: a scratch file may go
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
+        self.kind = kind
+        self._head = None if found == "float32" else module.embed_out
         if self._head is not None:
             _share_weights(self._runner, module)
         self._dtype = module.dtype

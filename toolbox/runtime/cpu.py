@@ -195,7 +195,7 @@ class CompiledDecode:
 
     def _step(self, kind: int) -> Callable:
         if self.ahead:
-            step = self._steps[kind] = AOTStep(self.module, kind, self.key)
+            step = self._steps[kind] = AOTStep(self.module, kind, self.key, self.ahead)
             return step
         graph, config = self._graph, {"cpp_wrapper": True}
 

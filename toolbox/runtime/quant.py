@@ -286,15 +286,17 @@ def load_quantized(directory: Path, checkpoint: Path, device: str):
         if dev.type != "cpu":
             raise ValueError(f"{directory}: CPU-quantized weights cannot be loaded on {dev}")
         scheme = json.loads((directory / "source.json").read_text(encoding="utf-8")).get("scheme")
-        with warnings.catch_warnings():  # the placeholders are quantized tensors, which torch deprecates
-            warnings.filterwarnings("ignore", message=".*quantized tensor creation")
+        # quantized tensors (the placeholders, the stored weights) draw torch's deprecation
+        # warnings and still go through TypedStorage: a user sees none of that
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             if scheme == "int4":
                 from toolbox.runtime.int4 import int4_skeleton
 
                 int4_skeleton(module)
             else:
                 _int8_skeleton(module)
-        _load_parts(module, directory)
+            _load_parts(module, directory)
         release_freed_memory()
     else:
         from safetensors import safe_open
@@ -346,8 +348,7 @@ def _load_parts(module, directory: Path) -> None:
         state = torch.load(directory / f"model.{name}.pt", map_location="cpu", weights_only=True)
         part.load_state_dict(state, strict=True, assign=True)
 
-    with warnings.catch_warnings(), ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        warnings.simplefilter("ignore")  # quantized tensors still go through TypedStorage
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
         for done in [pool.submit(load, name, part) for name, part in parts]:
             done.result()
 
