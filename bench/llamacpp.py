@@ -22,7 +22,9 @@ bin/llama-quantize); the GGUF files are made with `$LLAMA_CPP_CONVERTER` or
 ../shared/tools/convert-gptneox-gguf.py (q4_0 by quantizing the f16 file). Without
 them the script says so and exits with status 2. On Intel CPUs with AMX, llama.cpp's
 repacked q8_0/q4_0 kernels crash on anything but single-token decode, so prompt
-processing runs with `--repack 0` there (recorded in the results).
+processing runs with `--repack 0` there, and so does decoding after more than 16 tokens
+of context; decoding after 16 tokens or fewer runs from an empty context with the
+repacked kernels (their fastest decode; recorded in the results).
 
     python bench/llamacpp.py [--threads 2] [--repeats 3] [--runs 3] [--new-tokens 128]
         [--rows S-int4,S-int8] [--depths 16,1000] [--prompt 512] [--compiled] [--work DIR]
@@ -126,6 +128,18 @@ def llama_bench(llama: Path, model: Path, threads: int, runs: int, new_tokens: i
             "peak_rss_mb": round(peak, 1), "command": " ".join(cmd)}
 
 
+def llama_decode(llama: Path, model: Path, kind: str, args, depth: int) -> dict:
+    """llama.cpp's decode after ``depth`` tokens of context. With AMX, its repacked q8_0/q4_0
+    kernels crash once a prompt has been processed: there a short context (16 tokens or
+    fewer) is measured from an empty one with those kernels (their fastest decode, with a
+    few tokens less to attend to), a longer one with ``--repack 0``."""
+    if depth and kind in ("q8_0", "q4_0") and has_amx():
+        if depth <= 16:
+            return {**llama_bench(llama, model, args.threads, args.runs, args.new_tokens, 0, 0, True), "depth": 0}
+        return llama_bench(llama, model, args.threads, args.runs, args.new_tokens, depth, 0, False)
+    return llama_bench(llama, model, args.threads, args.runs, args.new_tokens, depth, 0, True)
+
+
 def toolbox_bench(model_dir: Path, engine: str, dtype: str, options: dict, args, prompt_tokens: int,
                   cache: Path) -> dict:
     cmd = child_command(model_dir, engine, dtype, options, args.threads, args.runs, args.new_tokens, prompt_tokens)
@@ -182,7 +196,7 @@ def main() -> None:
                     key = f"{row} {variant} @{depth}"
                     load = os.getloadavg()[0]
                     ours = toolbox_bench(models[model], engine, dtype, options, args, depth, cache)
-                    theirs = llama_bench(llama, files[row], args.threads, args.runs, args.new_tokens, depth, 0, True)
+                    theirs = llama_decode(llama, files[row], kind, args, depth)
                     ratio = round(ours["tokens_per_s"] / theirs["tokens_per_s"], 3)
                     samples.setdefault(key, []).append({"toolbox": ours, "llama.cpp": theirs, "ratio": ratio,
                                                         "load_average": load})
