@@ -3,8 +3,9 @@ and against the eager step.
 
 Compiling takes seconds to tens of seconds (inductor), so each compiled model is built
 once for the module: the embedded model in float32 (inductor's autotuned GEMMs) and in
-int4 (torch's int4 kernel), both compiled ahead of time into libraries kept on disk, and
-in int8 (fbgemm's kernels as opaque operators in a graph of torch.compile's).
+int4 (torch's int4 kernel), both compiled ahead of time into libraries kept on disk; in
+bfloat16 and int8 the same on a CPU with AMX (inductor's GEMMs on AMX tiles), elsewhere
+oneDNN's and fbgemm's kernels as opaque operators in a graph of torch.compile's.
 """
 
 import json
@@ -59,14 +60,18 @@ def eager():
     return pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": "0"}))
 
 
-@pytest.fixture(scope="module", params=["int4", "int8"])
-def compiled_quant(request, step_cache):
-    options = {"compile": "1", "quant_cache": "0"}
-    model = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype=request.param, threads=2, extra=options,
-                                                            workload="generate"))
-    assert model._decode_fn.ahead == ("int4" if request.param == "int4" else None)
-    eager = pick_backend("quant").load(EMBEDDED, LoadOptions(dtype=request.param, threads=2,
-                                                            extra={"compile": "0"}))
+@pytest.fixture(scope="module", params=["int4", "int8", "bfloat16"])
+def compiled_other(request, step_cache):
+    """A compiled model of the kinds whose step is not float32, and the same model eager."""
+    from toolbox.runtime.aot import amx
+
+    dtype = request.param
+    backend = pick_backend("cpu" if dtype == "bfloat16" else "quant")
+    model = backend.load(EMBEDDED, LoadOptions(dtype=dtype, threads=2, workload="generate",
+                                               extra={"compile": "1", "quant_cache": "0"}))
+    # ahead of time: int4 everywhere, int8 and bfloat16 where inductor's GEMMs have AMX
+    assert model._decode_fn.ahead == (dtype if dtype == "int4" or amx() else None)
+    eager = backend.load(EMBEDDED, LoadOptions(dtype=dtype, threads=2, extra={"compile": "0"}))
     return model, eager
 
 
@@ -166,7 +171,7 @@ def test_the_library_refuses_inputs_it_was_not_built_for(compiled):
                     torch.ones(2, 128, dtype=torch.bool), 4, two)
 
 
-def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_quant):
+def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_other):
     """Compiled at load for one row and for several (a long run of generation): batches, the
     continuous batcher and a span past 64 slots (the 16-bit attention rounds it) reuse those
     steps (torch.compile's graphs do not recompile)."""
@@ -174,14 +179,15 @@ def test_batches_and_the_continuous_batcher_decode_like_the_eager_step(compiled_
 
     from toolbox.batching import SequenceRequest
 
-    model, eager = compiled_quant
+    model, eager = compiled_other
     tok = model.tokenizer
     prompts = [tok.encode("吾輩は猫である。"), tok.encode("名前はまだ無い。どこで生れたか")]
     with torch._dynamo.config.patch(error_on_recompile=True):
         a, b = _greedy(model, prompts, new=12), _greedy(eager, prompts, new=12)
         _greedy(model, [tok.encode("吾輩は猫である。" * 12)], new=40)
     assert [e.token_id for e in a] == [e.token_id for e in b]
-    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 0.05  # bf16 fused vs eager
+    # bf16 fused vs eager; int8: bfloat16 activations vs fbgemm's int8 ones
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 0.05
 
     out = {}
     for m in (model, eager):
@@ -285,3 +291,24 @@ def test_opaque_linears_run_the_modules_own_kernel_and_go_with_them(kind):
     del module
     gc.collect()
     assert len(cpu._KERNELS) == before
+
+
+def test_bfloat16_and_int8_go_ahead_of_time_only_with_amx(monkeypatch):
+    """Inductor's bfloat16 and weight-only int8 GEMMs are fast on AMX tiles and slow without
+    them (docs/performance.md): without AMX those kinds stay on oneDNN's and fbgemm's kernels."""
+    from toolbox.runtime import aot
+    from toolbox.runtime.loaded import load_module
+    from toolbox.runtime.quant import quantize_cpu_int8
+
+    bf16 = load_module(EMBEDDED, "cpu", torch.bfloat16)
+    int8 = quantize_cpu_int8(load_module(EMBEDDED, "cpu", torch.float32))
+    fp32 = load_module(EMBEDDED, "cpu", torch.float32)
+    for has in (False, True):
+        monkeypatch.setattr(aot, "amx", lambda has=has: has)
+        assert aot.scheme(bf16) == ("bfloat16" if has else None)
+        assert aot.scheme(int8) == ("int8" if has else None)
+        assert aot.scheme(fp32) == "float32"
+    monkeypatch.setattr(aot, "INT8_LIMIT", 1 << 20)  # a larger int8 model: fbgemm in torch.compile's graph
+    assert aot.scheme(int8) is None and aot.scheme(bf16) == "bfloat16"
+    monkeypatch.setattr(aot, "SIZE_LIMIT", 1 << 20)  # past the limit: torch.compile's path
+    assert aot.scheme(bf16) is None

@@ -44,7 +44,7 @@ class CPUBackend(Backend):
         if options.threads:
             torch.set_num_threads(options.threads)
         module = load_module(checkpoint, "cpu", dtype)
-        if not (compiled and scheme(module) == "float32"):  # else inductor packs them its own way
+        if not (compiled and scheme(module)):  # else inductor packs them its own way
             pack_linears(module)
         info = {"backend": self.name, "device": "cpu", "dtype": str(dtype).removeprefix("torch."),
                 "threads": torch.get_num_threads(), "compiled": compiled}

@@ -1,12 +1,21 @@
 """Decode steps compiled ahead of time (AOTInductor) into shared libraries kept on disk.
 
-Two kinds of model get one (`scheme`):
+Three kinds of model get one (`scheme`):
 
 - float32: the weights frozen into the step and run by inductor's own C++ GEMMs, which
   stream float32 weights at one row about 1.5x as fast as oneDNN. torch.compile could
   not keep that graph in inductor's caches (its prepacked weights do not pickle), so
   every process compiled it again (9-10 s for the embedded model); the library also
   holds the frozen copy of the weights;
+- bfloat16, the same, on CPUs with AMX, where inductor's GEMMs run on AMX tiles: about
+  twice oneDNN's speed there (an Intel Xeon); without AMX they were half its speed (an
+  AMD EPYC), so bfloat16 stays on oneDNN's kernels there;
+- int8 (torch's dynamic quantization, fbgemm) of small models (`INT8_LIMIT`), on CPUs
+  with AMX: the same int8 weights (`_Int8Product`) frozen into inductor's weight-only
+  int8 GEMM for the AMX tiles. Its packing widens them to 16 bits, so on larger models it
+  is no faster than fbgemm's int8 and holds twice the bytes; on small ones, where a step
+  is mostly the cost around the products, it is 2.5x the compiled graph around fbgemm
+  (the embedded model, an Intel Xeon). Eager fbgemm still runs the prompts;
 - int4 (`toolbox.runtime.int4`): the layers on torch's int4 kernel; the output layer
   (fbgemm's int8, which export cannot take) runs after the library, on its hidden state.
   The library reads the module's own tensors (`_share_weights`), so the weights stay in
@@ -28,6 +37,7 @@ import shutil
 import tempfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -38,26 +48,51 @@ from .model import GPTNeoX
 #: bump when what is exported changes (inputs, options)
 FORMAT = 1
 
-#: per scheme: float32 on inductor's own C++ GEMMs over frozen weights (without the
-#: choices' report); int4 on the eager kernel, its weights left as they are (shared)
-OPTIONS = {"float32": {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-                       "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0},
-           "int4": {}}
+#: per scheme: float32, bfloat16 and int8 on inductor's own C++ GEMMs over frozen weights
+#: (without the choices' report); int4 on the eager kernel, its weights left as they are (shared)
+_GEMMS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+          "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
+OPTIONS = {"float32": _GEMMS, "bfloat16": _GEMMS, "int8": _GEMMS, "int4": {}}
 
 #: the most weight bytes a library may copy (float32: a second copy, in memory too)
 SIZE_LIMIT = 2 << 30
+#: the most int8 weight bytes of a model whose step goes ahead of time (see the module docstring)
+INT8_LIMIT = 64 << 20
+
+
+def amx() -> bool:
+    """Whether the CPU has AMX tiles (and torch knows how to use them)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe and probe())
+
+
+def _allow_amx() -> None:
+    """Ask Linux for the AMX tile state (a process must, once, before it runs AMX code: a
+    library built on AMX and loaded without the compiler would die of SIGILL)."""
+    if amx():
+        torch.cpu._init_amx()
 
 
 def scheme(module: GPTNeoX) -> str | None:
-    """``"float32"`` (every Linear a float32 `nn.Linear`), ``"int4"`` (every Linear of the
-    layers an `Int4Linear`), or None: another kind, or weights past `SIZE_LIMIT`, which
-    torch.compile handles (`toolbox.runtime.cpu.CompiledDecode`)."""
+    """``"float32"`` (every Linear a float32 `nn.Linear`), ``"bfloat16"`` or ``"int8"`` (every
+    Linear a bfloat16 `nn.Linear`, or fbgemm's int8 with symmetric weights up to `INT8_LIMIT`,
+    on a CPU with AMX), ``"int4"`` (every Linear of the layers an `Int4Linear`), or None: another kind, or
+    weights past `SIZE_LIMIT`, which torch.compile handles (`toolbox.runtime.cpu.CompiledDecode`)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
     from .int4 import Int4Linear
 
     inner = [m for m in module.layers.modules() if hasattr(m, "in_features")]
     linears = [*inner, module.embed_out]
-    if all(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in linears):
-        found, size = "float32", sum(m.weight.numel() * 4 for m in linears)
+    plain = {m.weight.dtype if type(m) is nn.Linear else None for m in linears}
+    if plain == {torch.float32} or (plain == {torch.bfloat16} and amx()):
+        (dtype,) = plain
+        found = str(dtype).removeprefix("torch.")
+        size = sum(m.weight.numel() * dtype.itemsize for m in linears)
+    elif amx() and all(type(m) is DynamicInt8Linear and _symmetric(m) for m in linears):
+        found, size = "int8", sum(m.in_features * m.out_features for m in linears)
+        if size > INT8_LIMIT:
+            return None
     elif inner and all(isinstance(m, Int4Linear) for m in inner):
         found = "int4"
         size = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
@@ -92,6 +127,63 @@ def example_inputs(module: GPTNeoX, rows: int):
     return (torch.zeros(rows, 1, dtype=torch.long, device=dev), pos, pos.clone(),
             torch.ones(rows, slots, dtype=torch.bool, device=dev), torch.empty(span, 0, device=dev),
             module.new_cache(rows, slots))
+
+
+def _symmetric(linear) -> bool:
+    """Whether an fbgemm int8 Linear's weights have zero points of 0 (what `_Int8Product` takes)."""
+    weight = linear._weight_bias()[0]
+    if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        return weight.q_zero_point() == 0
+    return not weight.q_per_channel_zero_points().any()
+
+
+class _Int8Product(nn.Module):
+    """An fbgemm int8 Linear as the library runs it: the same int8 weights in inductor's
+    weight-only GEMM on bfloat16 activations, scaled (one scale per output, float32) and
+    biased in float32 after it, so that the scales are not rounded to bfloat16."""
+
+    def __init__(self, linear):
+        super().__init__()
+        weight, bias = linear._weight_bias()
+        n = weight.shape[0]
+        if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+            scale = torch.full((n,), weight.q_scale(), dtype=torch.float32)
+        else:
+            scale = weight.q_per_channel_scales().float()
+        self.register_buffer("weight", weight.int_repr().contiguous())
+        self.register_buffer("ones", torch.ones(n, dtype=torch.bfloat16))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).bfloat16(), self.weight, self.ones)
+        y = y.float() * self.scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], -1)
+
+
+@contextmanager
+def _exportable(module: GPTNeoX, found: str):
+    """``module`` as it is exported (restored afterwards): int4 without its output layer (export
+    cannot take fbgemm's packed weights; it runs after the library), int8 with every Linear an
+    `_Int8Product`."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
+
+    if found == "int4":
+        swaps = [(module, "embed_out", module.embed_out, nn.Identity())]
+    elif found == "int8":
+        swaps = [(parent, name, child, _Int8Product(child)) for parent in module.modules()
+                 for name, child in parent.named_children() if type(child) is DynamicInt8Linear]
+    else:
+        swaps = []
+    try:
+        for parent, name, _, new in swaps:
+            setattr(parent, name, new)
+        yield
+    finally:
+        for parent, name, old, _ in swaps:
+            setattr(parent, name, old)
 
 
 class _Exported(nn.Module):
@@ -147,15 +239,13 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[5]]
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
               "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "cache": cache}
-    head = module.embed_out
-    if found == "int4":  # out of the module while exporting: export cannot take fbgemm's packed weights
-        module.embed_out = nn.Identity()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        with torch.no_grad(), warnings.catch_warnings(), _exportable(module, found):
             warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
-            program = torch.export.export(_Exported(module, head=found == "float32"), args, dynamic_shapes=shapes,
+            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # a float16 embedding: fine
+            program = torch.export.export(_Exported(module, head=found != "int4"), args, dynamic_shapes=shapes,
                                           strict=False)
             package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / "step.pt2"),
                                                                inductor_configs=OPTIONS[found])
@@ -165,7 +255,6 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
                 shutil.copyfileobj(src, dst)
         os.replace(work / "step.so", target)  # another process may have won: same contents
     finally:
-        module.embed_out = head
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -192,6 +281,7 @@ class AOTStep:
 
     def __init__(self, module: GPTNeoX, kind: int, key: str | None, found: str):
         """``found``: the model's `scheme`; ``key``: see `library_path` (None: built in a scratch folder)."""
+        _allow_amx()
         path = library_path(key, kind)
         scratch = None if path else Path(tempfile.mkdtemp(prefix="toolbox-step-"))
         path = path or scratch / "step.so"
@@ -211,8 +301,8 @@ class AOTStep:
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)
         self.kind = kind
-        self._head = None if found == "float32" else module.embed_out
-        if self._head is not None:
+        self._head = module.embed_out if found == "int4" else None
+        if found == "int4":
             _share_weights(self._runner, module)
         self._dtype = module.dtype
         #: the cache last checked and its tensors in the library's order (the same list every step of a

@@ -10,13 +10,13 @@ Compiled (`CompiledDecode`): the decode step compiled by inductor, which fuses t
 small operations around the matrix products (1-2 ms of a shape-S step eagerly at one
 thread, 0.3 ms of the embedded model's). The products themselves (docs/performance.md):
 
-- float32 (up to 2 GiB of weights): frozen into the step and run by inductor's own C++
-  GEMMs, which stream float32 weights at one row about 1.5x as fast as oneDNN's
-  prepacked kernels; and int4 (torch's int4 kernel): both compiled ahead of time into
-  libraries kept on disk (`toolbox.runtime.aot`), built once per machine and loaded in
-  milliseconds;
-- bfloat16 (oneDNN prepacked) and int8 (fbgemm), whose packed weights export cannot
-  take: the eager kernels, called as opaque operators (`opaque_linears`) from a graph
+- float32 (up to 2 GiB of weights), and bfloat16 on CPUs with AMX: frozen into the step
+  and run by inductor's own C++ GEMMs, which stream the weights at one row faster than
+  oneDNN's prepacked kernels; and int4 (torch's int4 kernel): compiled ahead of time
+  into libraries kept on disk (`toolbox.runtime.aot`), built once per machine and
+  loaded in milliseconds;
+- bfloat16 without AMX (oneDNN prepacked) and int8 (fbgemm), whose packed weights
+  export cannot take: the eager kernels, called as opaque operators (`opaque_linears`) from a graph
   that torch.compile builds in every process, with a C++ wrapper; no freezing, no
   autotuning, so inductor's on-disk caches make a later compile take seconds.
 
@@ -149,7 +149,7 @@ class CompiledDecode:
         """``key``: the checkpoint's cache key (`toolbox.runtime.quant.cache_key`), under which a
         step compiled ahead of time is kept on disk (`toolbox.runtime.aot`); None builds it afresh."""
         self.module, self.key = module, key
-        #: "float32" or "int4": compiled ahead of time (`toolbox.runtime.aot.scheme`); None: torch.compile
+        #: "float32", "bfloat16" or "int4": compiled ahead of time (`toolbox.runtime.aot.scheme`); None: torch.compile
         self.ahead = scheme(module)
         #: kind (1: one row, 2: more) -> its step: an ahead-of-time library or the compiled graph
         self._steps: dict[int, Callable] = {}
@@ -173,7 +173,7 @@ class CompiledDecode:
     @property
     def kind(self) -> str:
         """What the products run on, for the one-line note."""
-        return "inductor's C++ GEMMs" if self.ahead == "float32" else "the eager kernels"
+        return "the eager kernels" if self.ahead in (None, "int4") else "inductor's C++ GEMMs"
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
                  cache=None) -> Tensor:
