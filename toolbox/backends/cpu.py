@@ -94,7 +94,8 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
 
         step = CompiledDecode(module, key=cache_key(checkpoint, f"step-{info['dtype']}", "cpu"))
         # both kinds of step (one row; more) for long runs, and wherever they are kept on disk
-        # (built once per machine): a batch of rows would otherwise build its kind mid-run
+        # (built once per machine; the second loaded at its first batch): a batch of rows would
+        # otherwise build its kind mid-run
         step.warm((1, 2) if options.workload == "generate" or step.ahead else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

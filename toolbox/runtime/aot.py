@@ -258,6 +258,17 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def prepare(module: GPTNeoX, kind: int, key: str, found: str) -> bool:
+    """Build the library of ``kind`` now unless it is on disk (True: built), without loading
+    it: a library holds its own copy of frozen weights, so a kind is loaded (in milliseconds)
+    only when a step of it runs."""
+    path = library_path(key, kind)
+    if path.is_file():
+        return False
+    build(module, kind, path, found)
+    return True
+
+
 def _share_weights(runner, module: GPTNeoX) -> None:
     """Point the library's constants at ``module``'s own tensors and free its copies (int4:
     the constants are the module's state as it was exported). The few constants inductor

@@ -153,6 +153,8 @@ class CompiledDecode:
         self.ahead = scheme(module)
         #: kind (1: one row, 2: more) -> its step: an ahead-of-time library or the compiled graph
         self._steps: dict[int, Callable] = {}
+        #: kinds whose library `warm` made sure of on disk, loaded at their first step: whether it built them
+        self._prepared: dict[int, bool] = {}
         if self.ahead:
             return
         import warnings
@@ -168,7 +170,7 @@ class CompiledDecode:
     @property
     def built(self) -> bool:
         """Whether loading compiled anything (false when every step came from the disk cache)."""
-        return any(getattr(step, "built", True) for step in self._steps.values())
+        return any(self._prepared.values()) or any(getattr(step, "built", True) for step in self._steps.values())
 
     @property
     def kind(self) -> str:
@@ -212,8 +214,14 @@ class CompiledDecode:
         return first
 
     def warm(self, batch_sizes=(1,)) -> None:
-        """Compile (or load) now the decode steps of each batch size (1, and any size >= 2)."""
+        """Compile (or load) now the decode steps of each batch size (1, and any size >= 2); a
+        library kept on disk for two rows or more is only built if missing (`toolbox.runtime.aot.prepare`)."""
+        from .aot import prepare
+
         with torch.inference_mode():
             for B in sorted(set(min(b, 2) for b in batch_sizes)):
+                if B > 1 and self.ahead and self.key and B not in self._steps:
+                    self._prepared[B] = prepare(self.module, B, self.key, self.ahead)
+                    continue
                 ids, pos, cache_pos, key_mask, span, cache = example_inputs(self.module, B)
                 self(ids, pos, cache_pos, key_mask, span.shape[0], cache)
