@@ -34,6 +34,17 @@ def test_logits_match_transformers(tmp_path, parallel, rotary_pct, fmt):
     assert rel_err(_ours_logits_cached(ours, ids), ref) < 1e-4
     assert rel_err(_ours_logits_cached(ours, ids, with_mask=False), ref) < 1e-4
     assert rel_err(ours.forward_full(ids, torch.ones_like(ids)), ref) < 1e-4
+    # the outputs of the last positions only (scoring's context skipped in the last layer);
+    # with left padding: row 0 starts 5 tokens late
+    for start in (1, 20, 36):
+        assert rel_err(ours.forward_full(ids, start=start), ref[:, start:]) < 1e-4
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    with torch.no_grad():
+        padded = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0)).logits
+    assert rel_err(ours.forward_full(ids, mask, start=20), padded[:, 20:]) < 1e-4
+    with pytest.raises(ValueError, match="start 37 is outside 0..36"):
+        ours.forward_full(ids, start=37)
 
 
 @pytest.mark.parametrize("fmt", ["sharded", "rinna_config"])

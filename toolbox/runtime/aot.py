@@ -89,9 +89,9 @@ def scheme(module: GPTNeoX) -> str | None:
         (dtype,) = plain
         found = str(dtype).removeprefix("torch.")
         size = sum(m.weight.numel() * dtype.itemsize for m in linears)
-    elif amx() and all(type(m) is DynamicInt8Linear and _symmetric(m) for m in linears):
+    elif amx() and all(type(m) is DynamicInt8Linear for m in linears):
         found, size = "int8", sum(m.in_features * m.out_features for m in linears)
-        if size > INT8_LIMIT:
+        if size > INT8_LIMIT or not all(_symmetric(m) for m in linears):  # the size first: no unpacking
             return None
     elif inner and all(isinstance(m, Int4Linear) for m in inner):
         found = "int4"

@@ -301,8 +301,8 @@ def score(
 
 def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> Tensor:
     """The output layer's input (final-normed hidden states) at positions ``lo .. T-2``;
-    the ``[B, T, V]`` logits of the context positions are never computed."""
-    return model.forward_full(ids, mask, hidden=True)[:, lo : ids.shape[1] - 1]
+    the last layer's outputs and the ``[B, T, V]`` logits of the context positions are never computed."""
+    return model.forward_full(ids, mask, hidden=True, start=lo)[:, : ids.shape[1] - 1 - lo]
 
 
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0):

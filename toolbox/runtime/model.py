@@ -54,7 +54,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rd, d = cos.shape[-1], x.shape[-1]
     rot = x if rd == d else x[..., :rd]
     first, second = rot.chunk(2, dim=-1)
-    out = rot * cos + torch.cat([-second, first], dim=-1) * sin
+    # rot * cos + cat(-second, first) * sin, the second term added into each half in place:
+    # two passes over the tensor instead of five (and fused: one rounding less)
+    out = rot * cos
+    low, high = out.chunk(2, dim=-1)
+    sin_low, sin_high = sin.chunk(2, dim=-1)
+    low.addcmul_(second, sin_low, value=-1)
+    high.addcmul_(first, sin_high)
     return out if rd == d else torch.cat([out, x[..., rd:]], dim=-1)
 
 
@@ -127,14 +133,20 @@ class Attention(nn.Module):
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv):
-        """``kv``: this layer's ``(keys, values)`` cache tensors, or None (no cache)."""
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv, start=0):
+        """``kv``: this layer's ``(keys, values)`` cache tensors, or None (no cache). ``start``
+        (cache-free only): the outputs of positions ``start..`` only (keys of every position)."""
         B, T, C = x.shape
         # The fused projection is laid out per head as [q | k | v].
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         qk, v = qkv.split([2 * self.head_dim, self.head_dim], dim=-1)
         # queries and keys rotated in one pass: [B,H,T,2,D] against cos/sin [B,1,T,1,rd]
         q, k = apply_rotary(qk.unflatten(-1, (2, self.head_dim)), cos, sin).unbind(-2)
+        if start:
+            q, T = q[:, :, start:], T - start
+            # causal from the end: query i (position start + i) sees keys 0 .. start + i
+            mask = mask[..., start:, :] if mask is not None else torch.ones(
+                T, T + start, dtype=torch.bool, device=x.device).tril(start)
         if kv is not None:
             write_kv(kv[0], cache_pos, k)
             write_kv(kv[1], cache_pos, v)
@@ -168,8 +180,10 @@ class Block(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv):
-        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache_pos, kv_len, kv)
+    def forward(self, x, cos, sin, mask, cache_pos, kv_len, kv, start=0):
+        """``start``: the outputs of positions ``start..`` only (see `Attention.forward`)."""
+        a = self.attention(self.input_layernorm(x), cos, sin, mask, cache_pos, kv_len, kv, start)
+        x = x[:, start:]
         if self.parallel:  # x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.post_attention_layernorm(x))
         h = x + a  # sequential: h = x + attn(ln1(x)); h + mlp(ln2(h))
@@ -307,7 +321,8 @@ class GPTNeoX(nn.Module):
         return self._run(input_ids, input_pos, cache_pos, key_mask, kv_len, last_only,
                          self.cache if cache is None else cache, logits_at)
 
-    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None, head=True):
+    def _run(self, input_ids, input_pos, cache_pos, key_mask, kv_len, last_only, cache, logits_at=None, head=True,
+             start=0):
         use_cache = cache is not None
         if use_cache and kv_len is not None and input_ids.shape[1] == 1:
             kv_len = decode_span(kv_len, cache[0][0].shape[2], input_ids.device, self.dtype)
@@ -330,8 +345,9 @@ class GPTNeoX(nn.Module):
         sin = self.rope_sin[input_pos].to(self.dtype)[:, None, :, None]
 
         x = self.embed_in(input_ids).to(self.dtype)
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache_pos, kv_len, cache[i] if use_cache else None)
+            x = layer(x, cos, sin, mask, cache_pos, kv_len, cache[i] if use_cache else None, start if i == last else 0)
         if last_only:
             x = x[:, -1:]
         elif logits_at is not None:
@@ -339,11 +355,15 @@ class GPTNeoX(nn.Module):
         x = self.final_layer_norm(x)
         return self.embed_out(x).float() if head else x
 
-    def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False) -> Tensor:
+    def forward_full(self, input_ids: Tensor, attention_mask: Tensor | None = None, hidden: bool = False,
+                     start: int = 0) -> Tensor:
         """Cache-free forward over whole sequences (for scoring): fp32 logits ``[B,T,V]``.
 
         ``hidden=True`` stops before the output layer: the final-normed hidden states
         ``[B,T,H]`` in the model's dtype (scoring applies the head to scored positions only).
+        ``start``: the outputs of positions ``start..`` only, ``[B,T-start,...]``: the last
+        layer runs its queries, its output projection and its MLP for those alone (the
+        other positions are context whose last-layer outputs nothing reads).
 
         ``attention_mask [B,T]`` (1/True = real token) may pad on either side; positions
         count real tokens only. Without a mask, attention is plainly causal (SDPA's
@@ -356,4 +376,6 @@ class GPTNeoX(nn.Module):
         else:
             attention_mask = attention_mask.bool()
             pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        return self._run(input_ids, pos, slots, attention_mask, None, False, None, head=not hidden)
+        if not 0 <= start < T:
+            raise ValueError(f"start {start} is outside 0..{T - 1}")
+        return self._run(input_ids, pos, slots, attention_mask, None, False, None, head=not hidden, start=start)
