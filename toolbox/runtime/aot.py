@@ -1,15 +1,16 @@
 """Decode steps compiled ahead of time (AOTInductor) into shared libraries kept on disk.
 
-Three kinds of model get one (`scheme`):
+Four kinds of model get one (`scheme`):
 
 - float32: the weights frozen into the step and run by inductor's own C++ GEMMs, which
   stream float32 weights at one row about 1.5x as fast as oneDNN. torch.compile could
   not keep that graph in inductor's caches (its prepacked weights do not pickle), so
   every process compiled it again (9-10 s for the embedded model); the library also
   holds the frozen copy of the weights;
-- bfloat16, the same, on CPUs with AMX, where inductor's GEMMs run on AMX tiles: about
-  twice oneDNN's speed there (an Intel Xeon); without AMX they were half its speed (an
-  AMD EPYC), so bfloat16 stays on oneDNN's kernels there;
+- bfloat16, the same, on CPUs with AMX, where inductor's GEMMs run on AMX tiles: shape S
+  decodes at 1.2-1.3x the compiled graph around oneDNN's kernels there (an Intel Xeon);
+  without AMX they ran at half oneDNN's speed (an AMD EPYC), so bfloat16 stays on
+  oneDNN's kernels there;
 - int8 (torch's dynamic quantization, fbgemm) of small models (`INT8_LIMIT`), on CPUs
   with AMX: the same int8 weights (`_Int8Product`) frozen into inductor's weight-only
   int8 GEMM for the AMX tiles. Its packing widens them to 16 bits, so on larger models it
