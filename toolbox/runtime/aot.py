@@ -130,12 +130,19 @@ def example_inputs(module: GPTNeoX, rows: int):
             module.new_cache(rows, slots))
 
 
+def _scales(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """A quantized weight's scale and zero point per output row (one for all, repeated, when
+    it is quantized per tensor)."""
+    if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+        n = weight.shape[0]
+        return (torch.full((n,), weight.q_scale(), dtype=torch.float32),
+                torch.full((n,), weight.q_zero_point(), dtype=torch.int64))
+    return weight.q_per_channel_scales().float(), weight.q_per_channel_zero_points()
+
+
 def _symmetric(linear) -> bool:
     """Whether an fbgemm int8 Linear's weights have zero points of 0 (what `_Int8Product` takes)."""
-    weight = linear._weight_bias()[0]
-    if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-        return weight.q_zero_point() == 0
-    return not weight.q_per_channel_zero_points().any()
+    return not _scales(linear._weight_bias()[0])[1].any()
 
 
 class _Int8Product(nn.Module):
@@ -146,14 +153,9 @@ class _Int8Product(nn.Module):
     def __init__(self, linear):
         super().__init__()
         weight, bias = linear._weight_bias()
-        n = weight.shape[0]
-        if weight.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
-            scale = torch.full((n,), weight.q_scale(), dtype=torch.float32)
-        else:
-            scale = weight.q_per_channel_scales().float()
         self.register_buffer("weight", weight.int_repr().contiguous())
-        self.register_buffer("ones", torch.ones(n, dtype=torch.bfloat16))
-        self.register_buffer("scale", scale)
+        self.register_buffer("ones", torch.ones(weight.shape[0], dtype=torch.bfloat16))
+        self.register_buffer("scale", _scales(weight)[0])
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     def forward(self, x: Tensor) -> Tensor:
@@ -259,15 +261,19 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def prepare(module: GPTNeoX, kind: int, key: str, found: str) -> bool:
-    """Build the library of ``kind`` now unless it is on disk (True: built), without loading
-    it: a library holds its own copy of frozen weights, so a kind is loaded (in milliseconds)
-    only when a step of it runs."""
-    path = library_path(key, kind)
+def _build_missing(module: GPTNeoX, kind: int, path: Path, found: str) -> bool:
+    """Build the library ``path`` unless it is there; True when it was built."""
     if path.is_file():
         return False
     build(module, kind, path, found)
     return True
+
+
+def prepare(module: GPTNeoX, kind: int, key: str, found: str) -> bool:
+    """Build the library of ``kind`` now unless it is on disk (True: built), without loading
+    it: a library holds its own copy of frozen weights, so a kind is loaded (in milliseconds)
+    only when a step of it runs."""
+    return _build_missing(module, kind, library_path(key, kind), found)
 
 
 def _share_weights(runner, module: GPTNeoX) -> None:
@@ -298,9 +304,7 @@ class AOTStep:
         scratch = None if path else Path(tempfile.mkdtemp(prefix="toolbox-step-"))
         path = path or scratch / "step.so"
         try:
-            self.built = not path.is_file()
-            if self.built:
-                build(module, kind, path, found)
+            self.built = _build_missing(module, kind, path, found)
             try:
                 self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
             except RuntimeError:  # a damaged file (a disk error, a copy cut short): built again

@@ -10,13 +10,13 @@ Compiled (`CompiledDecode`): the decode step compiled by inductor, which fuses t
 small operations around the matrix products (1-2 ms of a shape-S step eagerly at one
 thread, 0.3 ms of the embedded model's). The products themselves (docs/performance.md):
 
-- float32 (up to 2 GiB of weights), and bfloat16 on CPUs with AMX: frozen into the step
-  and run by inductor's own C++ GEMMs, which stream the weights at one row faster than
-  oneDNN's prepacked kernels; and int4 (torch's int4 kernel): compiled ahead of time
-  into libraries kept on disk (`toolbox.runtime.aot`), built once per machine and
-  loaded in milliseconds;
-- bfloat16 without AMX (oneDNN prepacked) and int8 (fbgemm), whose packed weights
-  export cannot take: the eager kernels, called as opaque operators (`opaque_linears`) from a graph
+- float32 (up to 2 GiB of weights), and bfloat16 and small int8 models on CPUs with AMX:
+  frozen into the step and run by inductor's own C++ GEMMs, which stream the weights at
+  one row faster than oneDNN's prepacked kernels; and int4 (torch's int4 kernel):
+  compiled ahead of time into libraries kept on disk (`toolbox.runtime.aot`), built once
+  per machine and loaded in milliseconds;
+- bfloat16 without AMX (oneDNN prepacked) and the other int8 models (fbgemm), whose
+  packed weights export cannot take: the eager kernels, called as opaque operators (`opaque_linears`) from a graph
   that torch.compile builds in every process, with a C++ wrapper; no freezing, no
   autotuning, so inductor's on-disk caches make a later compile take seconds.
 
@@ -163,7 +163,7 @@ class CompiledDecode:
         """``key``: the checkpoint's cache key (`toolbox.runtime.quant.cache_key`), under which a
         step compiled ahead of time is kept on disk (`toolbox.runtime.aot`); None builds it afresh."""
         self.module, self.key = module, key
-        #: "float32", "bfloat16" or "int4": compiled ahead of time (`toolbox.runtime.aot.scheme`); None: torch.compile
+        #: "float32", "bfloat16", "int8" or "int4": compiled ahead of time (`toolbox.runtime.aot.scheme`); None: torch.compile
         self.ahead = scheme(module)
         #: kind (1: one row, 2: more) -> its step: an ahead-of-time library or the compiled graph
         self._steps: dict[int, Callable] = {}
