@@ -317,3 +317,30 @@ def test_bfloat16_and_int8_go_ahead_of_time_only_with_amx(monkeypatch):
     assert aot.scheme(int8) is None and aot.scheme(bf16) == "bfloat16"
     monkeypatch.setattr(aot, "SIZE_LIMIT", 1 << 20)  # past the limit: torch.compile's path
     assert aot.scheme(bf16) is None
+
+
+def test_float32_weights_past_the_cache_run_on_the_faster_gemms_measured(neox3, tmp_path, monkeypatch):
+    """Weights larger than the CPU's caches: both kinds of GEMM are built and timed, the faster
+    is kept, its name written beside it for the note, and it decodes as the eager step does;
+    weights that fit: inductor's alone."""
+    from toolbox.runtime import aot
+
+    monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path))
+    size = sum(m.weight.nbytes for m in aot._linears(neox3))
+    monkeypatch.setattr(aot, "_cache_bytes", lambda: size - 1)
+    key = "measured"
+    step = aot.AOTStep(neox3, 1, key, "float32")
+    record = json.loads(aot.library_path(key, 1).with_suffix(".json").read_text())
+    names = [name for name, _ in aot.CANDIDATES["float32"]]
+    assert sorted(record["step_seconds"]) == sorted(names) and all(t > 0 for t in record["step_seconds"].values())
+    assert record["gemms"] == min(record["step_seconds"], key=record["step_seconds"].get) == step.gemms
+    ids, pos, cache_pos, key_mask, span, _ = aot.example_inputs(neox3, 1)
+    ours, ref = neox3.new_cache(1, key_mask.shape[1]), neox3.new_cache(1, key_mask.shape[1])
+    with torch.inference_mode():
+        got = step(ids, pos, cache_pos, key_mask, span.shape[0], ours)
+        want = neox3(ids, pos, cache_pos[0], key_mask, kv_len=span.shape[0], cache=ref)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[0][0], ref[0][0], rtol=1e-4, atol=1e-4)  # the new keys, written in place
+
+    monkeypatch.setattr(aot, "_cache_bytes", lambda: size)
+    assert aot._candidates(neox3, "float32") == aot.CANDIDATES["float32"][:1]

@@ -3,10 +3,12 @@
 Four kinds of model get one (`scheme`):
 
 - float32: the weights frozen into the step and run by inductor's own C++ GEMMs, which
-  stream float32 weights at one row about 1.5x as fast as oneDNN. torch.compile could
-  not keep that graph in inductor's caches (its prepacked weights do not pickle), so
-  every process compiled it again (9-10 s for the embedded model); the library also
-  holds the frozen copy of the weights;
+  stream float32 weights at one row about 1.5x as fast as oneDNN on an AMD EPYC and read
+  weights that fit the caches 1.7x as fast on an Intel Xeon; weights past the caches
+  stream from memory 8 % faster through oneDNN on that Xeon, so there both are built and
+  the faster kept (`_candidates`). torch.compile could not keep that graph in inductor's
+  caches (its prepacked weights do not pickle), so every process compiled it again (9-10 s
+  for the embedded model); the library also holds the frozen copy of the weights;
 - bfloat16, the same, on CPUs with AMX, where inductor's GEMMs run on AMX tiles: shape S
   decodes at 1.2-1.3x the compiled graph around oneDNN's kernels there (an Intel Xeon);
   without AMX they ran at half oneDNN's speed (an AMD EPYC), so bfloat16 stays on
@@ -36,6 +38,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import warnings
 import zipfile
 from contextlib import contextmanager
@@ -47,13 +50,17 @@ from torch import Tensor, nn
 from .model import GPTNeoX
 
 #: bump when what is exported changes (inputs, options)
-FORMAT = 1
+FORMAT = 2
 
-#: per scheme: float32, bfloat16 and int8 on inductor's own C++ GEMMs over frozen weights
-#: (without the choices' report); int4 on the eager kernel, its weights left as they are (shared)
-_GEMMS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
-          "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0}
-OPTIONS = {"float32": _GEMMS, "bfloat16": _GEMMS, "int8": _GEMMS, "int4": {}}
+#: inductor's own C++ GEMMs over frozen weights (without the choices' report)
+_CPP = ("inductor's C++ GEMMs", {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
+                                 "max_autotune_report_choices_stats": False, "autotune_num_choices_displayed": 0})
+#: oneDNN's GEMMs over weights prepacked when frozen
+_ONEDNN = ("oneDNN's GEMMs", {"freezing": True})
+#: per scheme, what its products may run on (name for the note, inductor's options), the
+#: usual winner first: float32 weights larger than the CPU's caches try both (`_candidates`);
+#: int4 runs the eager kernel, its weights left as they are (shared)
+CANDIDATES = {"float32": (_CPP, _ONEDNN), "bfloat16": (_CPP,), "int8": (_CPP,), "int4": (("the eager kernels", {}),)}
 
 #: the most weight bytes a library may copy (float32: a second copy, in memory too)
 SIZE_LIMIT = 2 << 30
@@ -83,8 +90,8 @@ def scheme(module: GPTNeoX) -> str | None:
 
     from .int4 import Int4Linear
 
-    inner = [m for m in module.layers.modules() if hasattr(m, "in_features")]
-    linears = [*inner, module.embed_out]
+    linears = _linears(module)
+    inner = linears[:-1]
     plain = {m.weight.dtype if type(m) is nn.Linear else None for m in linears}
     if plain == {torch.float32} or (plain == {torch.bfloat16} and amx()):
         (dtype,) = plain
@@ -100,6 +107,11 @@ def scheme(module: GPTNeoX) -> str | None:
     else:
         return None
     return found if size <= SIZE_LIMIT else None
+
+
+def _linears(module: GPTNeoX) -> list[nn.Module]:
+    """The layers' matrix products, then the output layer."""
+    return [*(m for m in module.layers.modules() if hasattr(m, "in_features")), module.embed_out]
 
 
 def use_inductor_cache_dir() -> None:
@@ -230,7 +242,8 @@ def library_path(key: str | None, kind: int) -> Path | None:
 
 def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     """Export the decode step of ``kind`` of a model of scheme ``found`` (`scheme`) and compile
-    it into the library ``target`` (atomically)."""
+    it into the library ``target`` (atomically), on the faster of its `_candidates` when it
+    has several; what it runs on is written beside it (`gemms`)."""
     import torch._inductor  # the compiler: seconds to import, only when building
     from torch.export import Dim
 
@@ -242,23 +255,89 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[5]]
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
               "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "cache": cache}
+    choices = _candidates(module, found)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _exportable(module, found):
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
-            warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # a float16 embedding: fine
-            program = torch.export.export(_Exported(module, head=found != "int4"), args, dynamic_shapes=shapes,
-                                          strict=False)
-            package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / "step.pt2"),
-                                                               inductor_configs=OPTIONS[found])
-        with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
-            (member,) = [n for n in archive.namelist() if n.endswith(".so")]
-            with archive.open(member) as src, open(work / "step.so", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(work / "step.so", target)  # another process may have won: same contents
+        libraries = []
+        for i, (_, options) in enumerate(choices):
+            with torch.no_grad(), warnings.catch_warnings(), _exportable(module, found):
+                warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
+                warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # a float16 embedding: fine
+                program = torch.export.export(_Exported(module, head=found != "int4"), args, dynamic_shapes=shapes,
+                                              strict=False)  # again for each: freezing rewrites the program
+                package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / f"{i}.pt2"),
+                                                                   inductor_configs=options)
+            with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
+                (member,) = [n for n in archive.namelist() if n.endswith(".so")]
+                with archive.open(member) as src, open(work / f"{i}.so", "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+            libraries.append(work / f"{i}.so")
+        record, best = {}, 0
+        if len(libraries) > 1:
+            seconds = [_step_seconds(path, args) for path in libraries]
+            best = seconds.index(min(seconds))
+            record["step_seconds"] = {name: t for (name, _), t in zip(choices, seconds)}
+        record["gemms"] = choices[best][0]
+        (work / "step.json").write_text(json.dumps(record))
+        # another process may have won: a library as good, and the note beside it first
+        os.replace(work / "step.json", _record_path(target))
+        os.replace(libraries[best], target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _candidates(module: GPTNeoX, found: str) -> tuple:
+    """What the step of ``found`` may run on (`CANDIDATES`). float32 weights larger than the
+    CPU's largest cache stream from memory every step, and which GEMMs do that faster
+    depends on the machine (shape S: oneDNN's 8 % ahead on an Intel Xeon, inductor's 1.4x
+    ahead on an AMD EPYC), so both are built and timed; weights that fit stay with
+    inductor's (the embedded model: 1.7x oneDNN's on the Xeon)."""
+    choices = CANDIDATES[found]
+    if len(choices) > 1 and sum(m.weight.nbytes for m in _linears(module)) <= _cache_bytes():
+        return choices[:1]
+    return choices
+
+
+def _cache_bytes() -> int:
+    """The size of the CPU's largest cache (0 when the system does not say)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        try:
+            text = path.read_text().strip().upper()
+        except OSError:
+            continue
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append(int(digits) * unit)
+    return max(sizes, default=0)
+
+
+def _step_seconds(path: Path, args) -> float:
+    """The fastest of ten runs of a library's step on ``args`` (`example_inputs`), after two."""
+    _allow_amx()
+    runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+    inputs = [*args[:5], *[t for kv in args[5] for t in kv]]
+    times = []
+    for _ in range(12):
+        start = time.perf_counter()
+        runner.run(inputs)
+        times.append(time.perf_counter() - start)
+    return min(times[2:])
+
+
+def _record_path(library: Path) -> Path:
+    """Where what a library runs on is written (`build`)."""
+    return library.with_suffix(".json")
+
+
+def gemms(library: Path, found: str) -> str:
+    """What the products of a library of scheme ``found`` run on, as `build` wrote it."""
+    try:
+        return json.loads(_record_path(library).read_text())["gemms"]
+    except (OSError, ValueError, KeyError):
+        return CANDIDATES[found][0][0]
 
 
 def _build_missing(module: GPTNeoX, kind: int, path: Path, found: str) -> bool:
@@ -313,6 +392,8 @@ class AOTStep:
                 self.built = True
                 build(module, kind, path, found)
                 self._runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
+            #: what the products run on (for the one-line note)
+            self.gemms = gemms(path, found)
         finally:  # loaded: a scratch file may go
             if scratch:
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -12,7 +12,8 @@ thread, 0.3 ms of the embedded model's). The products themselves (docs/performan
 
 - float32 (up to 2 GiB of weights), and bfloat16 and small int8 models on CPUs with AMX:
   frozen into the step and run by inductor's own C++ GEMMs, which stream the weights at
-  one row faster than oneDNN's prepacked kernels; and int4 (torch's int4 kernel):
+  one row faster than oneDNN's prepacked kernels (float32 weights past the CPU's caches:
+  whichever of the two measures faster here); and int4 (torch's int4 kernel):
   compiled ahead of time into libraries kept on disk (`toolbox.runtime.aot`), built once
   per machine and loaded in milliseconds;
 - bfloat16 without AMX (oneDNN prepacked) and the other int8 models (fbgemm), whose
@@ -189,7 +190,8 @@ class CompiledDecode:
     @property
     def kind(self) -> str:
         """What the products run on, for the one-line note."""
-        return "the eager kernels" if self.ahead in (None, "int4") else "inductor's C++ GEMMs"
+        step = self._steps.get(1)
+        return step.gemms if isinstance(step, AOTStep) else "the eager kernels"
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
                  cache=None) -> Tensor:

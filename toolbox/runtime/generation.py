@@ -152,14 +152,16 @@ class Generation:
                 bufs = [torch.empty(2 + 2 * self.top, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
 
         def launch(step: int, logits: Tensor):
-            """Sample at ``step`` and start copying (token, logprob) to the host, without waiting."""
+            """Sample at ``step`` and start copying to the host, without waiting: rows of (tokens,
+            logprobs, then with ``top`` the k best ids and the k logprobs), as lists on the CPU."""
             tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None, outside)
+            top = logits.float().log_softmax(-1).topk(self.top, dim=-1) if self.top else None
+            if not pinned:  # no copy to wait for: a list each, which costs less than stacking them
+                rows = [tok.tolist(), lp.tolist()]
+                return tok, (rows + top.indices.T.tolist() + top.values.T.tolist() if top else rows), None
             both = torch.stack([tok.double(), lp.double()])
-            if self.top:
-                top_lp, top_id = logits.float().log_softmax(-1).topk(self.top, dim=-1)
-                both = torch.cat([both, top_id.T.double(), top_lp.T.double()])
-            if not pinned:
-                return tok, both, None
+            if top:
+                both = torch.cat([both, top.indices.T.double(), top.values.T.double()])
             host = bufs[step % 2]
             host.copy_(both, non_blocking=True)
             done = torch.cuda.Event()
@@ -185,7 +187,7 @@ class Generation:
                     nxt = launch(step + 1, advance(step, cur[0]))
             if cur[2] is not None:
                 cur[2].synchronize()
-            host = cur[1].tolist()
+            host = cur[1] if cur[2] is None else cur[1].tolist()
             host_tok, host_lp = host[0], host[1]
             k = self.top
             out = []
