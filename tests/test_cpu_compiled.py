@@ -344,3 +344,30 @@ def test_float32_weights_past_the_cache_run_on_the_faster_gemms_measured(neox3, 
 
     monkeypatch.setattr(aot, "_cache_bytes", lambda: size)
     assert aot._candidates(neox3, "float32") == aot.CANDIDATES["float32"][:1]
+
+
+def test_the_steps_own_greedy_choice_equals_sampling_its_logits(compiled):
+    """A float32 library picks greedily itself (`pick_greedy`, the loop's ``sample`` skipped): the
+    same tokens and logprobs as sampling its logits, with EOS banned before min_new_tokens and
+    ids past the tokenizer's vocabulary never chosen."""
+    from toolbox.runtime.generation import Generation
+    from toolbox.runtime.sampling import SamplingParams
+
+    step, m = compiled._decode_fn, compiled.module
+    assert step.greedy is not None
+    prompt = compiled.tokenizer.encode("吾輩は猫である。名前はまだ無い。")
+
+    def run(decode_fn, **kw):
+        out = Generation(m, [prompt], max_new_tokens=24, sampling=SamplingParams(temperature=0.0),
+                         decode_fn=decode_fn, **kw)
+        return [(t.token_id, t.logprob, t.finish_reason) for s in out for t in s.tokens]
+
+    free = [t for t, _, _ in run(step)]
+    eos, cut = free[3], max(free[4:])  # the model's own choices, then forbidden
+    kw = {"eos_token_ids": [eos], "min_new_tokens": 10, "sampled_vocab": cut}
+    fused = run(step, **kw)
+    plain = run(lambda *args: step(*args), **kw)  # no `greedy`: the logits, then `sample`
+    assert [t for t, _, _ in fused] == [t for t, _, _ in plain]
+    assert max(abs(a[1] - b[1]) for a, b in zip(fused, plain)) < 1e-5
+    assert all(t < cut for t, _, _ in fused) and eos not in [t for t, _, _ in fused[:10]]
+    assert fused[0][0] == free[0] and fused != run(step)  # the constraints changed the run

@@ -190,3 +190,26 @@ def test_greedy_picks_the_argmax_of_the_finite_scores():
         x[1] = float("nan") if t % 5 == 0 else x[1]
         x[2] = -x[2].abs()  # every finite score negative: a NaN read as 0 would win
         assert torch.equal(sample(x.clone(), greedy)[0], finite_scores(x).argmax(-1)), x
+
+
+def test_the_steps_greedy_pick_equals_sample_with_banned_and_outside_ids():
+    """`pick_greedy` (run inside a compiled decode step) with its additive ``forbid`` row chooses
+    what `sample` chooses with the same banned ids and outside mask, and reports the same
+    logprob, on rows mixing NaN, +inf and -inf, including +inf at a banned id."""
+    from toolbox.runtime.sampling import forbidden, pick_greedy
+
+    gen = torch.Generator().manual_seed(1)
+    greedy = SamplingParams(temperature=0.0)
+    V = 60
+    for t in range(200):
+        x = torch.randn(3, V, generator=gen) * 10.0 ** torch.randint(-40, 37, (1,), generator=gen).item()
+        u = torch.rand(3, V, generator=gen)
+        x[u < 0.05], x[(u > 0.05) & (u < 0.08)], x[(u > 0.08) & (u < 0.2)] = float("nan"), float("inf"), float("-inf")
+        banned = torch.randint(0, V, (2,), generator=gen)
+        x[0, banned[0]] = float("inf")  # the row's best is banned
+        outside = torch.arange(V) >= V - (t % 7)
+        for ban, out in ((banned, outside), (None, outside), (banned, None), (None, None)):
+            want_tok, want_lp = sample(x.clone(), greedy, banned=ban, outside=out)
+            tok, lp = pick_greedy(x.clone(), forbidden(V, ban, out))
+            assert torch.equal(tok, want_tok), (x, ban, out)
+            torch.testing.assert_close(lp, want_lp, equal_nan=True)

@@ -27,8 +27,10 @@ Four kinds of model get one (`scheme`):
 Built once per checkpoint, thread count, CPU and kind of step (one row; more) under
 ``$TOOLBOX_CACHE/compiled``, a library loads in milliseconds without importing the
 compiler and runs from C++ without dynamo's guards or a Python wrapper (the embedded
-float32 step 0.36 -> 0.20 ms, int4 0.28 -> 0.14 ms; docs/performance.md). Nothing checks
-the inputs in C++, so `AOTStep` checks what the export assumed.
+float32 step 0.36 -> 0.20 ms, int4 0.28 -> 0.14 ms; docs/performance.md). A library that
+holds the output layer also makes the greedy choice (`AOTStep.greedy`), so that a greedy
+generation runs no Python between steps but its loop. Nothing checks the inputs in C++,
+so `AOTStep` checks what the export assumed.
 """
 
 from __future__ import annotations
@@ -48,9 +50,10 @@ import torch
 from torch import Tensor, nn
 
 from .model import GPTNeoX
+from .sampling import pick_greedy
 
 #: bump when what is exported changes (inputs, options)
-FORMAT = 2
+FORMAT = 3
 
 #: inductor's own C++ GEMMs over frozen weights (without the choices' report)
 _CPP = ("inductor's C++ GEMMs", {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
@@ -203,15 +206,20 @@ def _exportable(module: GPTNeoX, found: str):
 
 class _Exported(nn.Module):
     """The decode step as exported: the attention span comes as the length of an empty tensor,
-    which keeps it a size the library reads at run time (an int input would be frozen);
-    ``head=False``: up to the output layer's input."""
+    which keeps it a size the library reads at run time (an int input would be frozen). With
+    the output layer (``head``): the logits, and the greedy choice from them and its
+    log-probability (`pick_greedy`, ids marked in ``forbid`` excluded), which spares a greedy
+    generation the dozen operations of `sample` a token; else the output layer's input."""
 
     def __init__(self, module: GPTNeoX, head: bool):
         super().__init__()
         self.module, self.head = module, head
 
-    def forward(self, ids, pos, cache_pos, key_mask, span, cache):
-        return self.module._run(ids, pos, cache_pos, key_mask, span.shape[0], False, cache, head=self.head)
+    def forward(self, ids, pos, cache_pos, key_mask, span, forbid, cache):
+        out = self.module._run(ids, pos, cache_pos, key_mask, span.shape[0], False, cache, head=self.head)
+        if not self.head:
+            return (out,)
+        return (out, *pick_greedy(out[:, -1], forbid))
 
 
 def _cpu_id() -> str:
@@ -254,7 +262,8 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     per_row = {0: rows} if rows else None
     cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[5]]
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
-              "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "cache": cache}
+              "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "forbid": None, "cache": cache}
+    args = (*args[:5], torch.zeros(module.config.vocab_size), args[5])
     choices = _candidates(module, found)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
@@ -315,10 +324,10 @@ def _cache_bytes() -> int:
 
 
 def _step_seconds(path: Path, args) -> float:
-    """The fastest of ten runs of a library's step on ``args`` (`example_inputs`), after two."""
+    """The fastest of ten runs of a library's step on ``args`` (as exported), after two."""
     _allow_amx()
     runner = torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1)
-    inputs = [*args[:5], *[t for kv in args[5] for t in kv]]
+    inputs = [*args[:6], *[t for kv in args[6] for t in kv]]
     times = []
     for _ in range(12):
         start = time.perf_counter()
@@ -402,11 +411,26 @@ class AOTStep:
         if found == "int4":
             _share_weights(self._runner, module)
         self._dtype = module.dtype
+        #: every id allowed (`pick_greedy`'s forbid, for a step whose choice is not used)
+        self._allowed = torch.zeros(module.config.vocab_size)
         #: the cache last checked and its tensors in the library's order (the same list every step of a
         #: generation: checked once); the attention spans as empty tensors, by length
         self._cache, self._tensors, self._spans = None, [], {}
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor, kv_len: int, cache) -> Tensor:
+        """The logits ``[B,1,V]``."""
+        out = self.run(ids, pos, cache_pos, key_mask, kv_len, cache, self._allowed)[0]
+        return out if self._head is None else self._head(out).float()
+
+    def greedy(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor, kv_len: int, cache,
+               forbid: Tensor) -> tuple[Tensor, Tensor]:
+        """The greedy tokens ``[B]`` and their log-probabilities ``[B]`` (`pick_greedy`); not for int4."""
+        _, tokens, logprobs = self.run(ids, pos, cache_pos, key_mask, kv_len, cache, forbid)
+        return tokens, logprobs
+
+    def run(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor, kv_len: int, cache,
+            forbid: Tensor) -> list[Tensor]:
+        """The library's outputs (`_Exported`)."""
         # what the export assumed and nothing checks in C++: a wrong layout would read wrong memory
         if cache is not self._cache:
             tensors = [t for kv in cache for t in kv]
@@ -419,5 +443,4 @@ class AOTStep:
         span = self._spans.get(kv_len)
         if span is None:
             span = self._spans[kv_len] = torch.empty(kv_len, 0)
-        out = self._runner.run([ids, pos, cache_pos, key_mask, span, *self._tensors])[0]
-        return out if self._head is None else self._head(out).float()
+        return self._runner.run([ids, pos, cache_pos, key_mask, span, forbid, *self._tensors])

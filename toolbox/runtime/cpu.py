@@ -170,6 +170,9 @@ class CompiledDecode:
         self._steps: dict[int, Callable] = {}
         #: kinds whose library `warm` made sure of on disk, loaded at their first step: whether it built them
         self._prepared: dict[int, bool] = {}
+        #: ``greedy(ids, pos, cache_pos, key_mask, kv_len, forbid) -> (tokens, logprobs)``: the step with
+        #: `toolbox.runtime.sampling.pick_greedy` inside it, where the library holds the output layer; else None
+        self.greedy = self._pick if self.ahead not in (None, "int4") else None
         if self.ahead:
             return
         import warnings
@@ -195,6 +198,17 @@ class CompiledDecode:
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
                  cache=None) -> Tensor:
+        step, args = self._inputs(ids, pos, cache_pos, key_mask, kv_len, cache)
+        return step(*args)
+
+    def _pick(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
+              forbid: Tensor) -> tuple[Tensor, Tensor]:
+        """`greedy`: the step's own greedy choice (`toolbox.runtime.aot.AOTStep.greedy`)."""
+        step, args = self._inputs(ids, pos, cache_pos, key_mask, kv_len, None)
+        return step.greedy(*args, forbid)
+
+    def _inputs(self, ids, pos, cache_pos, key_mask, kv_len, cache):
+        """The step for these inputs, and the inputs as it takes them."""
         m = self.module
         if cache is None:
             cache = m.cache
@@ -209,7 +223,7 @@ class CompiledDecode:
         step = self._steps.get(min(B, 2))
         if step is None:
             step = self._step(min(B, 2))
-        return step(ids, pos, cache_pos, key_mask, kv_len, cache)
+        return step, (ids, pos, cache_pos, key_mask, kv_len, cache)
 
     def _step(self, kind: int) -> Callable:
         if self.ahead:

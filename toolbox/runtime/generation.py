@@ -18,7 +18,7 @@ from torch import Tensor
 from toolbox.errors import ToolboxError
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, any_finite, sample
+from .sampling import SamplingParams, any_finite, forbidden, sample
 
 
 @dataclass(frozen=True)
@@ -148,13 +148,21 @@ class Generation:
             positions = (torch.tensor([len(r) for r in rows], device=dev)[None, :] + steps[:, None]).contiguous()
             slots = L + steps
             pinned = dev.type == "cuda"
+            # a step that picks greedily itself (`CompiledDecode.greedy`), when nothing else shapes the choice
+            fused = getattr(self.decode_fn, "greedy", None) if params.greedy and seen is None and not self.top else None
+            if fused is not None:  # ids it must not pick: EOS before min_new_tokens, and after
+                forbid = [forbidden(m.config.vocab_size, ban, outside, dev) for ban in (banned, None)]
             if pinned:  # two host buffers: step t+1's copy lands while step t's is read
                 bufs = [torch.empty(2 + 2 * self.top, B, dtype=torch.float64, pin_memory=True) for _ in range(2)]
 
-        def launch(step: int, logits: Tensor):
-            """Sample at ``step`` and start copying to the host, without waiting: rows of (tokens,
-            logprobs, then with ``top`` the k best ids and the k logprobs), as lists on the CPU."""
-            tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None, outside)
+        def launch(step: int, logits: Tensor | tuple[Tensor, Tensor]):
+            """Sample at ``step`` (unless ``logits`` is the step's own choice: tokens and logprobs)
+            and start copying to the host, without waiting: rows of (tokens, logprobs, then with
+            ``top`` the k best ids and the k logprobs), as lists on the CPU."""
+            if isinstance(logits, tuple):
+                tok, lp = logits
+            else:
+                tok, lp = sample(logits, params, gen, seen, banned if step < self.min_new_tokens else None, outside)
             top = logits.float().log_softmax(-1).topk(self.top, dim=-1) if self.top else None
             if not pinned:  # no copy to wait for: a list each, which costs less than stacking them
                 rows = [tok.tolist(), lp.tolist()]
@@ -168,12 +176,15 @@ class Generation:
             done.record()
             return tok, host, done
 
-        def advance(step: int, tok: Tensor) -> Tensor:
-            """Feed the tokens sampled at ``step``: the logits for ``step + 1``."""
+        def advance(step: int, tok: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+            """Feed the tokens sampled at ``step``: the logits for ``step + 1`` (or, from a step
+            that picks greedily, its tokens and logprobs)."""
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            return self.decode_fn(tok[:, None], positions[step].view(B, 1), slots[step : step + 1], key_mask,
-                                  L + step + 1)[:, -1]
+            args = (tok[:, None], positions[step].view(B, 1), slots[step : step + 1], key_mask, L + step + 1)
+            if fused is not None:
+                return fused(*args, forbid[0] if step + 1 < self.min_new_tokens else forbid[1])
+            return self.decode_fn(*args)[:, -1]
 
         running = [True] * B
         with torch.inference_mode():

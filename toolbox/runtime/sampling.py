@@ -109,14 +109,40 @@ def sample(
         scores = scores.index_fill(-1, banned, float("-inf"))
     if outside is not None:
         scores = scores.masked_fill(outside, float("-inf"))
-    if params.greedy:  # the row's maximum needs no shift: NaN never wins, the first +inf does, all -inf gives 0
-        inf = float("inf")  # max's first index, as argmax's, in half argmax's time on the CPU
-        tokens = scores.nan_to_num(-inf, inf, -inf).max(dim=-1).indices
+    if params.greedy:
+        tokens = first_max(scores)
     else:
         probs = finite_scores(scores).softmax(dim=-1)
         tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
     logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
     return tokens, logprobs
+
+
+def first_max(scores: Tensor) -> Tensor:
+    """The greedy choice of each row of ``scores [B,V]``: NaN never wins, the first +inf does,
+    a row of -inf gives 0 (the maximum needs no shift). max's first index is argmax's, in
+    half argmax's time on the CPU."""
+    inf = float("inf")
+    return scores.nan_to_num(-inf, inf, -inf).max(dim=-1).indices
+
+
+def pick_greedy(logits: Tensor, forbid: Tensor) -> tuple[Tensor, Tensor]:
+    """`sample`'s greedy choice from fp32 ``logits [B,V]`` with the ids it must not choose
+    given as ``forbid [V]`` (0, or -inf for a banned or outside id): few enough operations
+    to run inside a compiled decode step (`toolbox.runtime.aot`), in place of `sample`'s."""
+    tokens = first_max(logits + forbid)
+    return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def forbidden(vocab: int, ids: Tensor | None, outside: Tensor | None, device=None) -> Tensor:
+    """`pick_greedy`'s ``forbid [V]``: -inf at ``ids`` (a banned id: EOS before
+    min_new_tokens) and where ``outside [V]`` is true, 0 elsewhere."""
+    forbid = torch.zeros(vocab, device=device)
+    if ids is not None:
+        forbid[ids] = float("-inf")
+    if outside is not None:
+        forbid.masked_fill_(outside, float("-inf"))
+    return forbid
 
 
 def finite_scores(scores: Tensor) -> Tensor:
