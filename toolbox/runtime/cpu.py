@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aot import AOTStep, example_inputs, scheme, use_inductor_cache_dir
+from .aot import AOTStep, example_inputs, holds_head, scheme, use_inductor_cache_dir
 from .model import GPTNeoX
 
 
@@ -172,7 +172,7 @@ class CompiledDecode:
         self._prepared: dict[int, bool] = {}
         #: ``greedy(ids, pos, cache_pos, key_mask, kv_len, forbid) -> (tokens, logprobs)``: the step with
         #: `toolbox.runtime.sampling.pick_greedy` inside it, where the library holds the output layer; else None
-        self.greedy = self._pick if self.ahead not in (None, "int4") else None
+        self.greedy = self._pick if self.ahead and holds_head(module, self.ahead) else None
         if self.ahead:
             return
         import warnings
