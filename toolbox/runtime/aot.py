@@ -54,7 +54,7 @@ from .model import GPTNeoX
 from .sampling import pick_greedy
 
 #: bump when what is exported changes (inputs, options)
-FORMAT = 4
+FORMAT = 5
 
 #: inductor's own C++ GEMMs over frozen weights (without the choices' report)
 _CPP = ("inductor's C++ GEMMs", {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
