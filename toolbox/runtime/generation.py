@@ -41,7 +41,9 @@ class Step:
 
 
 #: ``decode_fn(input_ids [B,1], input_pos [B,1], cache_pos [1], key_mask [B,S], kv_len) -> logits [B,1,V]``.
-#: A backend may substitute e.g. a CUDA-graph replay (which may ignore ``kv_len``).
+#: A backend may substitute e.g. a CUDA-graph replay (which may ignore ``kv_len``). One that also has
+#: ``greedy(same inputs, forbid [V]) -> (tokens [B], logprobs [B])`` (`sampling.pick_greedy` inside the
+#: step, `toolbox.runtime.cpu.CompiledDecode`) serves greedy runs without top_logprobs or a penalty.
 DecodeFn = Callable[[Tensor, Tensor, Tensor, Tensor, int], Tensor]
 
 
