@@ -102,7 +102,7 @@ def scheme(module: GPTNeoX) -> str | None:
         found = str(dtype).removeprefix("torch.")
         size = sum(m.weight.numel() * dtype.itemsize for m in linears)
     elif amx() and all(type(m) is DynamicInt8Linear for m in linears):
-        found, size = "int8", sum(m.in_features * m.out_features for m in linears)
+        found, size = "int8", _int8_bytes(module)
         if size > INT8_LIMIT or not all(_symmetric(m) for m in linears):  # the size first: no unpacking
             return None
     elif inner and all(isinstance(m, Int4Linear) for m in inner):
@@ -163,8 +163,12 @@ def holds_head(module: GPTNeoX, found: str) -> bool:
     faster so, shape S 5-20 % slower."""
     if found != "int4":
         return True
-    small = sum(m.in_features * m.out_features for m in _linears(module)) <= INT8_LIMIT
-    return amx() and small and _symmetric(module.embed_out.linear)  # `Int8Linear` holds fbgemm's
+    return amx() and _int8_bytes(module) <= INT8_LIMIT and _symmetric(module.embed_out.linear)  # in `Int8Linear`
+
+
+def _int8_bytes(module: GPTNeoX) -> int:
+    """The model's product weights, a byte each (what `INT8_LIMIT` bounds)."""
+    return sum(m.in_features * m.out_features for m in _linears(module))
 
 
 def _symmetric(linear) -> bool:

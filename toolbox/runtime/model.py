@@ -104,9 +104,10 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Te
     (docs/performance.md). In a compiled step inductor fuses the three into one loop,
     where the fused kernel stays a call with its layout work around it: 5.5 against
     20.5 us a layer of the embedded float32 step. Products in the 16-bit type
-    (accumulated in fp32), softmax in fp32. ``mask [B or 1,1,1,S]`` bool, None = every key. The scores are computed as
-    ``k @ q^T``: ``k`` is usually a view of the first slots of a larger cache, and the
-    product the other way round on such a view took 4-8x as long.
+    (accumulated in fp32), softmax in fp32. ``mask [B or 1,1,1,S]`` bool, None = every
+    key. The scores are computed as ``k @ q^T``: ``k`` is usually a view of the first
+    slots of a larger cache, and the product the other way round on such a view took
+    4-8x as long.
     """
     w = (k @ q.transpose(-1, -2)).transpose(-1, -2).float() * q.shape[-1] ** -0.5
     if mask is not None:

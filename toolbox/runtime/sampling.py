@@ -114,8 +114,7 @@ def sample(
     else:
         probs = finite_scores(scores).softmax(dim=-1)
         tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
-    logprobs = logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, logprobs
+    return tokens, logprobs_of(logits, tokens)
 
 
 def first_max(scores: Tensor) -> Tensor:
@@ -131,7 +130,12 @@ def pick_greedy(logits: Tensor, forbid: Tensor) -> tuple[Tensor, Tensor]:
     given as ``forbid [V]`` (0, or -inf for a banned or outside id): few enough operations
     to run inside a compiled decode step (`toolbox.runtime.aot`), in place of `sample`'s."""
     tokens = first_max(logits + forbid)
-    return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, logprobs_of(logits, tokens)
+
+
+def logprobs_of(logits: Tensor, tokens: Tensor) -> Tensor:
+    """``log_softmax(logits [B,V])`` at ``tokens [B]``: the model's own belief in each choice."""
+    return logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
 
 
 def forbidden(vocab: int, ids: Tensor | None, outside: Tensor | None, device=None) -> Tensor:
