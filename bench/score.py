@@ -198,7 +198,9 @@ def cpu_main(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bench-score-"))
     try:
         path, model_note = model_dir(workdir)
-        ours = backends()["cpu"].load(path, LoadOptions(dtype=args.dtype))
+        # a long run of scoring: the token-score library is built (once per machine and thread
+        # count) or loaded, so the model is loaded again for each thread count below
+        ours = backends()["cpu"].load(path, LoadOptions(dtype=args.dtype, workload="score"))
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
         hf = GPTNeoXForCausalLM.from_pretrained(path, dtype=dtype).eval()
         text = args.source.read_bytes().decode("utf-8").replace("\r\n", "\n")
@@ -218,6 +220,7 @@ def cpu_main(args) -> dict:
         rows = {}
         for n in threads:
             torch.set_num_threads(n)
+            ours = backends()["cpu"].load(path, LoadOptions(dtype=args.dtype, workload="score"))
             time_pair(ours, hf, batches[:2], 1, "cpu", lambda: None)  # warm-up (first calls allocate)
             result = time_pair(ours, hf, batches, args.runs, "cpu", lambda: None)
             rows[f"novel, W {W} S {S}, {args.dtype}, {n} thr"] = report_rows(result, scored, positions)

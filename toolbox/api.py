@@ -56,7 +56,8 @@ def load(model: str | None = None, backend: str = "auto", dtype: str | None = No
     "cuda", "quant" or a plugin's. `options` are the backend's own settings (see `toolbox
     backends`), e.g. ``{"compile": True}`` for cpu. `workload` says what follows: "short",
     "generate" (a long run of generation: a backend may spend seconds at load, compiling,
-    that the run earns back) or "score". Raises `ToolboxError` on any bad input.
+    that the run earns back) or "score" (a long run of scoring: the same for its kernel).
+    Raises `ToolboxError` on any bad input.
     """
     from toolbox.backends import pick
     from toolbox.heads import head_task

@@ -5,6 +5,11 @@ decode through a step compiled by inductor (`toolbox.runtime.cpu.CompiledDecode`
 compiled while loading. ``auto`` compiles when the caller says a long run of generation
 follows (``LoadOptions.workload == "generate"``: batch files, eval), where the seconds of
 compiling are earned back; one-shot commands stay eager. See docs/generate.md.
+
+Scoring's log-probabilities and ranks come from a small library compiled ahead of time
+(`toolbox.runtime.score_kernel`): built once per machine where a long run of scoring
+follows (``workload == "score"``: files, eval's log-likelihoods), used by every load once
+it is on disk; ``compile=0`` keeps scoring eager too.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ class CPUBackend(Backend):
     description = "PyTorch on the CPU (float32, bfloat16); --threads sets the thread count"
     options = (
         BackendOption("compile", "compile the decode step with inductor while loading: auto (for long runs of "
-                      "generation), 1 or 0", COMPILE_ENV, "auto"),
+                      "generation; scoring's kernel for long runs of scoring), 1 or 0", COMPILE_ENV, "auto"),
     )
 
     def load(self, checkpoint: Path, options: LoadOptions):
@@ -86,8 +91,9 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
     from toolbox.runtime.cpu import CompiledDecode
     from toolbox.runtime.loaded import RuntimeModel
 
+    kernel = score_kernel(options)
     if not compiled:
-        return RuntimeModel(module, tokenizer, info)
+        return RuntimeModel(module, tokenizer, info, score_kernel=kernel)
     start = time.perf_counter()
     try:
         from toolbox.runtime.quant import cache_key
@@ -98,15 +104,40 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
         # otherwise build its kind mid-run
         step.warm((1, 2) if options.workload == "generate" or step.ahead else (1,))
     except Exception as exc:  # noqa: BLE001 - inductor's failures (no C++ compiler, ...) are many
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if compile_setting(options) is not None:  # asked for by name, not by auto
-            raise ToolboxError(f"cannot compile the decode step ({first}); use -o compile=0") from None
-        print(f"toolbox: cannot compile the decode step ({first}); decoding eagerly", file=sys.stderr)
-        return RuntimeModel(module, tokenizer, info)
+            raise ToolboxError(f"cannot compile the decode step ({_first_line(exc)}); use -o compile=0") from None
+        print(f"toolbox: cannot compile the decode step ({_first_line(exc)}); decoding eagerly", file=sys.stderr)
+        return RuntimeModel(module, tokenizer, info, score_kernel=kernel)
     how = "in" if step.built else "(ahead of time), loaded from the cache in"
     print(f"toolbox: decode step compiled by inductor ({info['dtype']}, {step.kind}) {how} "
           f"{time.perf_counter() - start:.1f} s; -o compile=0 to skip", file=sys.stderr)
-    return RuntimeModel(module, tokenizer, {**info, "compiled": True}, decode_fn=step, batch_decode_fn=step)
+    return RuntimeModel(module, tokenizer, {**info, "compiled": True}, decode_fn=step, batch_decode_fn=step,
+                        score_kernel=kernel)
+
+
+def score_kernel(options: LoadOptions):
+    """The token-score library (`toolbox.runtime.score_kernel`) unless ``compile`` is 0: built
+    now (once per machine, seconds) when a long run of scoring follows, else used when on
+    disk; None (eager scoring) where it is neither or cannot be built."""
+    if compile_setting(options) is False:
+        return None
+    from toolbox.runtime.score_kernel import load
+
+    start = time.perf_counter()
+    try:
+        kernel = load(build_missing=options.workload == "score")
+    except Exception as exc:  # noqa: BLE001 - as the decode step's
+        print(f"toolbox: cannot compile the token scores ({_first_line(exc)}); scoring eagerly", file=sys.stderr)
+        return None
+    if kernel is not None and kernel.built:
+        print(f"toolbox: token scores compiled by inductor in {time.perf_counter() - start:.1f} s (once per "
+              "machine); -o compile=0 to skip", file=sys.stderr)
+    return kernel
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @hookimpl

@@ -456,10 +456,12 @@ def score(args, as_text, whole, input_path, field, window, stride, prefix, compa
     choice.check()
     if input_path not in (None, "-") and not Path(input_path).is_file():
         raise ToolboxError(f"--input {input_path}: no such file")
-    model = choice.load()
+    # files, stdin and --input are long runs of scoring (texts in ARGS are not): see `toolbox.load`
+    workload = "short" if texts else "score"
+    model = choice.load(workload)
     sides = [model]
     if compare:
-        sides.append(_compare_choice(compare, choice, model.tokenizer).load())
+        sides.append(_compare_choice(compare, choice, model.tokenizer).load(workload))
     tok = model.tokenizer
     prefix = None if prefix == "none" else prefix
     try:

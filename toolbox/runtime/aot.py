@@ -257,12 +257,18 @@ def library_path(key: str | None, kind: int) -> Path | None:
     without a key (built afresh)."""
     if key is None:
         return None
+    return compiled_path({"format": FORMAT, "checkpoint": key}, f"step-{kind}.so")
+
+
+def compiled_path(parts: dict, name: str) -> Path:
+    """Where a library named ``name`` that computes what ``parts`` describe is kept, for this
+    torch, thread count and CPU (inductor compiles for all three): under ``$TOOLBOX_CACHE/compiled``."""
     from .quant import cache_root
 
-    parts = {"format": FORMAT, "checkpoint": key, "torch": torch.__version__, "threads": torch.get_num_threads(),
-             "cpu": _cpu_id(), "capability": torch.backends.cpu.get_cpu_capability()}
+    parts = {**parts, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": _cpu_id(),
+             "capability": torch.backends.cpu.get_cpu_capability()}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_root() / "compiled" / digest / f"step-{kind}.so"
+    return cache_root() / "compiled" / digest / name
 
 
 def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
@@ -292,13 +298,7 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
                 warnings.filterwarnings("ignore", message="bf16 and fp16 are mixed")  # a float16 embedding: fine
                 program = torch.export.export(_Exported(module, head=head), args, dynamic_shapes=shapes,
                                               strict=False)  # again for each: freezing rewrites the program
-                package = torch._inductor.aoti_compile_and_package(program, package_path=str(work / f"{i}.pt2"),
-                                                                   inductor_configs=options)
-            with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
-                (member,) = [n for n in archive.namelist() if n.endswith(".so")]
-                with archive.open(member) as src, open(work / f"{i}.so", "wb") as dst:
-                    shutil.copyfileobj(src, dst)
-            libraries.append(work / f"{i}.so")
+                libraries.append(compile_library(program, options, work / f"{i}.so"))
         record, best = {}, 0
         if len(libraries) > 1:
             seconds = [_step_seconds(path, args) for path in libraries]
@@ -311,6 +311,20 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
         os.replace(libraries[best], target)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def compile_library(program, options: dict, target: Path) -> Path:
+    """Compile an exported ``program`` with inductor's ``options`` into the shared library
+    ``target`` (written in place: callers build in a scratch folder and move it)."""
+    import torch._inductor
+
+    package = torch._inductor.aoti_compile_and_package(program, package_path=str(target.with_suffix(".pt2")),
+                                                       inductor_configs=options)
+    with zipfile.ZipFile(package) as archive:  # the archive's one library holds code and weights
+        (member,) = [n for n in archive.namelist() if n.endswith(".so")]
+        with archive.open(member) as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return target
 
 
 def _candidates(module: GPTNeoX, found: str) -> tuple:

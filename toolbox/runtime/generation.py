@@ -245,6 +245,7 @@ def score(
     max_batch_tokens: int = 4096,
     first: Sequence[int] | None = None,
     top: int = 0,
+    kernel: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> list[SequenceScores]:
     """Per-token log-probabilities and ranks of whole sequences.
 
@@ -256,6 +257,8 @@ def score(
     lengths share a batch with no mask, which lets attention use its fastest kernels.
     Ranks are computed on the device from the same fp32 logits as the log-probabilities.
     ``top``: also the ``top`` most likely tokens at each target and their log-probabilities.
+    ``kernel``: what computes log-probabilities and ranks from a block of logits and its
+    targets, in place of the eager operations (`toolbox.runtime.score_kernel`; not with ``top``).
     """
     ctx = model.config.max_position_embeddings
     vocab = model.config.vocab_size
@@ -304,7 +307,8 @@ def score(
             rows = torch.repeat_interleave(torch.arange(len(chunk)), torch.tensor(counts))
             pos = torch.cat([torch.arange(firsts[i] - 1, firsts[i] - 1 + n) for i, n in zip(chunk, counts)])
             rows, pos = rows.to(dev), pos.to(dev)
-            lp, rk, tid, tlp = _token_scores(model.embed_out, hidden[rows, pos - lo], ids[rows, pos + 1], vocab, k)
+            lp, rk, tid, tlp = _token_scores(model.embed_out, hidden[rows, pos - lo], ids[rows, pos + 1], vocab, k,
+                                                kernel)
             lp, rk = lp.cpu(), rk.cpu()
             parts = zip(lp.split(counts), rk.split(counts),
                         tid.cpu().split(counts) if k else [None] * len(chunk),
@@ -320,9 +324,10 @@ def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> 
     return model.forward_full(ids, mask, hidden=True, start=lo)[:, : ids.shape[1] - 1 - lo]
 
 
-def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0):
+def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0, kernel=None):
     """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``, and with ``top``
-    the ``top`` most likely tokens ``[N, top]`` with their log-probabilities (else None, None).
+    the ``top`` most likely tokens ``[N, top]`` with their log-probabilities (else None, None);
+    ``kernel`` as in `score`.
 
     The logits are made in row chunks: on the CPU 16 MiB of fp32 at a time, so that
     log-softmax and the rank count read them while they are still in cache (several
@@ -334,6 +339,11 @@ def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 
     lps, ranks, top_ids, top_lps = [], [], [], []
     for c in range(0, n, step):
         logits = head(hidden[c : c + step]).float()
+        if kernel is not None and not top:
+            lp, rank = kernel(logits, targets[c : c + step])
+            lps.append(lp)
+            ranks.append(rank)
+            continue
         t = targets[c : c + step, None]
         logprobs = logits.log_softmax(-1)
         lps.append(logprobs.gather(1, t).squeeze(1))

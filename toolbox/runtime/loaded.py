@@ -72,13 +72,15 @@ class _Stream:
 class RuntimeModel(LoadedModel):
     """A `GPTNeoX` module plus its tokenizer."""
 
-    def __init__(self, module: GPTNeoX, tokenizer: Tokenizer, info: dict, decode_fn=None, batch_decode_fn=None):
+    def __init__(self, module: GPTNeoX, tokenizer: Tokenizer, info: dict, decode_fn=None, batch_decode_fn=None,
+                 score_kernel=None):
         self.module = module
         self.tokenizer = tokenizer
         self.context_length = module.config.max_position_embeddings
         self.info = info
         self._decode_fn = decode_fn
         self._batch_decode_fn = batch_decode_fn  # the continuous batcher's (with an explicit cache)
+        self._score_kernel = score_kernel  # `toolbox.runtime.score_kernel.ScoreKernel`, or None: eager
         eos = set(module.config.eos_token_ids)
         if "eos" in tokenizer.special_ids:
             eos.add(tokenizer.special_ids["eos"])
@@ -124,7 +126,7 @@ class RuntimeModel(LoadedModel):
 
     def score_top(self, sequences, first, k):
         try:
-            found = score(self.module, sequences, first=first, top=k)
+            found = score(self.module, sequences, first=first, top=k, kernel=self._score_kernel)
         except ValueError as exc:
             raise ToolboxError(str(exc)) from None
         out = []
