@@ -219,6 +219,19 @@ def fake_hub_cache(hf_home: Path, repo_id: str, files: dict[str, Path],
 
 
 @pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """A toolbox cache (``$TOOLBOX_CACHE``) of the test module's own, for libraries it builds once."""
+    path = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("TOOLBOX_CACHE")
+    os.environ["TOOLBOX_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("TOOLBOX_CACHE")
+    else:
+        os.environ["TOOLBOX_CACHE"] = old
+
+
+@pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A small random GPT-NeoX in the Hugging Face layout with the embedded tokenizer
     (config.json + model.safetensors + spiece.model), context TINY_CONTEXT tokens."""

@@ -33,26 +33,13 @@ def _greedy(model, prompts, new=NEW):
 
 
 @pytest.fixture(scope="module")
-def step_cache(tmp_path_factory):
-    """A toolbox cache of this module's own: the float32 step's library is built into it once."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("TOOLBOX_CACHE")
-    os.environ["TOOLBOX_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("TOOLBOX_CACHE")
-    else:
-        os.environ["TOOLBOX_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def compiled(step_cache):
+def compiled(module_cache):
     model = pick_backend("cpu").load(EMBEDDED, LoadOptions(threads=2, extra={"compile": True}))
     assert model.describe()["compiled"] is True
     assert model._decode_fn.built  # a fresh cache: the libraries were built, for one row and for more
     # even for a one-shot load, both are built (no build in mid-run); the one for more rows is
     # loaded (with its copy of the weights) only when a batch runs
-    assert list((step_cache / "compiled").glob("*/step-1.so")) and list((step_cache / "compiled").glob("*/step-2.so"))
+    assert list((module_cache / "compiled").glob("*/step-1.so")) and list((module_cache / "compiled").glob("*/step-2.so"))
     assert set(model._decode_fn._steps) == {1}
     return model
 
@@ -63,7 +50,7 @@ def eager():
 
 
 @pytest.fixture(scope="module", params=["int4", "int8", "bfloat16"])
-def compiled_other(request, step_cache):
+def compiled_other(request, module_cache):
     """A compiled model of the kinds whose step is not float32, and the same model eager."""
     from toolbox.runtime.aot import amx
 
@@ -96,7 +83,7 @@ def test_compiled_greedy_tokens_and_logprobs_equal_transformers(compiled):
     assert max(abs(e.logprob - r) for e, r in zip(events, ref)) < 1e-4
 
 
-def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, step_cache, eager):
+def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, module_cache, eager):
     """Another process loads the library the fixture built (no compiling, no dynamo) and decodes
     prompts of other lengths, over caches of other sizes, as the eager step does: the library
     has no guards, so every size it was exported with must really be dynamic."""
@@ -108,7 +95,7 @@ def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, s
             f"out = [[(e.token_id, e.logprob) for s in m.generate_tokens([p], GenerationParams(max_new_tokens=70, "
             f"min_new_tokens=70, temperature=0.0)) for e in s] for p in {prompts!r}]; "
             "print(json.dumps({'dynamo': 'torch._dynamo' in sys.modules, 'out': out}))")
-    env = {**os.environ, "TOOLBOX_CACHE": str(step_cache)}
+    env = {**os.environ, "TOOLBOX_CACHE": str(module_cache)}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "loaded from the cache" in run.stderr, run.stderr
@@ -120,9 +107,9 @@ def test_a_second_load_takes_the_step_from_disk_without_the_compiler(compiled, s
         assert max(abs(lp - e.logprob) for (_, lp), e in zip(ours, ref)) < 1e-4
 
 
-def test_a_damaged_library_is_built_again(compiled, step_cache, eager, tmp_path, monkeypatch):
+def test_a_damaged_library_is_built_again(compiled, module_cache, eager, tmp_path, monkeypatch):
     """A library file that does not load (a disk error, a copy cut short) is rebuilt, not fatal."""
-    shutil.copytree(step_cache / "compiled", tmp_path / "compiled")
+    shutil.copytree(module_cache / "compiled", tmp_path / "compiled")
     (library,) = (tmp_path / "compiled").glob("*/step-1.so")
     library.write_bytes(b"not a shared library")
     monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path))

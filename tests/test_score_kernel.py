@@ -6,7 +6,6 @@ used by `toolbox score` for files but not for texts given as arguments."""
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -21,22 +20,9 @@ from toolbox.runtime.generation import score
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A toolbox cache of this module's own, where the library is built once."""
-    path = tmp_path_factory.mktemp("cache")
-    old = os.environ.get("TOOLBOX_CACHE")
-    os.environ["TOOLBOX_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("TOOLBOX_CACHE")
-    else:
-        os.environ["TOOLBOX_CACHE"] = old
-
-
-@pytest.fixture(scope="module")
-def kernel(cache):
+def kernel(module_cache):
     assert score_kernel.load(build_missing=False) is None  # nothing on disk, and nothing built
-    assert not (cache / "compiled").exists()
+    assert not (module_cache / "compiled").exists()
     assert score_kernel.load(build_missing=True).built
     again = score_kernel.load(build_missing=False)
     assert again is not None and not again.built
@@ -114,7 +100,7 @@ def test_scores_of_a_model_as_eager(kernel, tiny_checkpoint):
         torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-6, atol=1e-6)
 
 
-def test_toolbox_score_uses_it_for_files_not_for_texts(kernel, cache, tiny_checkpoint, tmp_path, monkeypatch):
+def test_toolbox_score_uses_it_for_files_not_for_texts(kernel, module_cache, tiny_checkpoint, tmp_path, monkeypatch):
     calls = []
     run = score_kernel.ScoreKernel.__call__
     monkeypatch.setattr(score_kernel.ScoreKernel, "__call__", lambda self, *a: calls.append(1) or run(self, *a))
@@ -131,7 +117,7 @@ def test_toolbox_score_uses_it_for_files_not_for_texts(kernel, cache, tiny_check
     monkeypatch.setenv("TOOLBOX_CACHE", str(tmp_path / "fresh"))
     as_text = per_token("-t", text)  # a short run: the library is neither built nor used
     assert not (tmp_path / "fresh" / "compiled").exists() and not calls
-    monkeypatch.setenv("TOOLBOX_CACHE", str(cache))
+    monkeypatch.setenv("TOOLBOX_CACHE", str(module_cache))
     from_file = per_token(str(tmp_path / "doc.txt"))
     assert calls
     used = len(calls)
