@@ -10,7 +10,9 @@ docs/score.md). The windows are grouped into batches of at most --batch-tokens p
 tokens, and each batch is scored by
 
   toolbox       the cpu backend's `RuntimeModel.score_from(batch, first)`: log-probability
-                and rank of every target token (the output layer runs for targets only)
+                and rank of every target token (the output layer runs for targets only),
+                loaded for a long run of scoring as `toolbox score` on files is, so with
+                the token-score library (`toolbox.runtime.score_kernel`, built once)
   transformers  `GPTNeoXForCausalLM(input_ids, attention_mask, labels).loss` with the
                 context positions labelled -100 (the usual sliding-window recipe)
 
