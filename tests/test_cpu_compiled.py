@@ -258,6 +258,37 @@ def test_batch_files_compile_by_default_and_one_shot_commands_do_not(run_toolbox
     assert r.returncode == 0 and b"compiled" not in r.stderr, r.stderr.decode()
 
 
+def test_serve_decodes_through_the_compiled_step_by_default(compiled, module_cache, eager):
+    """`toolbox serve` is a long run of generation: its model process loads the compiled steps
+    (here from the cache the fixture built), with the one-line note, and a batch of two
+    requests decodes as the eager step does."""
+    import concurrent.futures
+
+    import httpx
+    from serve_fixtures import SERVED_NAME, ServerProcess
+
+    server = ServerProcess(str(EMBEDDED), "--threads", "2",
+                           env={"TOOLBOX_CPU_COMPILE": "", "TOOLBOX_CACHE": str(module_cache)})
+    try:
+        server.wait_ready(300)
+        assert "decode step compiled by inductor" in server.log(), server.log()
+        tok = compiled.tokenizer
+        prompts = [tok.encode("吾輩は猫である。"), tok.encode("名前はまだ無い。")]
+
+        def complete(ids):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=120, json={
+                "model": SERVED_NAME, "prompt": ids, "max_tokens": 12, "min_tokens": 12, "temperature": 0,
+                "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["token_ids"]
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(complete, prompts))
+    finally:
+        server.stop()
+    assert got == [[e.token_id for e in _greedy(eager, [p], new=12)] for p in prompts]
+
+
 @pytest.mark.parametrize("kind", ["bfloat16 prepacked", "int8 dynamic"])
 def test_opaque_linears_run_the_modules_own_kernel_and_go_with_them(kind):
     """The opaque operator calls a Linear's kernel directly (not through its forward): the output
@@ -338,7 +369,26 @@ def test_float32_weights_past_the_cache_run_on_the_faster_gemms_measured(neox3, 
     torch.testing.assert_close(ours[0][0], ref[0][0], rtol=1e-4, atol=1e-4)  # the new keys, written in place
 
     monkeypatch.setattr(aot, "_cache_bytes", lambda: size)
-    assert aot._candidates(neox3, "float32") == aot.CANDIDATES["float32"][:1]
+    assert aot._candidates(neox3, "float32", 1) == aot.CANDIDATES["float32"][:1]
+    assert aot._candidates(neox3, "float32", 2) == aot.CANDIDATES["float32"]  # batches: both, whatever the size
+
+
+def test_the_float32_batch_step_runs_on_the_gemms_faster_at_a_serving_batch(compiled, module_cache, eager):
+    """The library for batches of rows was built on both kinds of GEMM and timed at `BATCH_ROWS`
+    rows; the one kept decodes a ragged batch as the eager step does."""
+    from toolbox.runtime import aot
+
+    (library,) = (module_cache / "compiled").glob("*/step-2.so")
+    record = json.loads(library.with_suffix(".json").read_text())
+    names = [name for name, _ in aot.CANDIDATES["float32"]]
+    assert sorted(record["step_seconds"]) == sorted(names)
+    assert record["gemms"] == min(record["step_seconds"], key=record["step_seconds"].get)
+    tok = compiled.tokenizer
+    prompts = [tok.encode(t) for t in ("吾輩は猫である。", "名前はまだ無い。どこで生れたかとんと見当がつかぬ。", "猫")]
+    ours, ref = _greedy(compiled, prompts), _greedy(eager, prompts)
+    assert 2 in compiled._decode_fn._steps  # the batch's library ran
+    assert [(e.seq, e.token_id) for e in ours] == [(e.seq, e.token_id) for e in ref]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(ours, ref)) < 1e-4
 
 
 def test_the_steps_own_greedy_choice_equals_sampling_its_logits(compiled):

@@ -19,7 +19,7 @@ class LoadOptions:
     `extra` holds the backend's own options by name (`-o KEY=VALUE` on the command line,
     `options={...}` in `toolbox.load`); see `Backend.options`. `workload` is the caller's
     hint of what follows: "short" (one-shot commands), "generate" (long runs of generation:
-    batch files, eval's generation tasks), "score" (scoring files, log-likelihoods);
+    batch files, eval's generation tasks, serve), "score" (scoring files, log-likelihoods);
     a backend may spend seconds at load (compiling) where the run will earn them back.
     """
 

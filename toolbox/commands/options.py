@@ -106,11 +106,11 @@ class ModelChoice:
         return load(self.model, self.backend, self.dtype, self.device, self.threads, self.revision, self.options,
                     workload)
 
-    def load_options(self):
+    def load_options(self, workload: str = "short"):
         """The backend's `LoadOptions` for this choice (a model loaded in a process of its own)."""
         from toolbox.types import LoadOptions
 
-        return LoadOptions(self.device, self.dtype, self.threads, self.options)
+        return LoadOptions(self.device, self.dtype, self.threads, self.options, workload)
 
 
 def _threads(ctx, param, value):

@@ -120,12 +120,13 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
 
     def load_model():
         try:
+            # a long run of generation: the CPU backends compile the decode step (built once per
+            # machine), which serves 1.2-1.8x the tokens eager did (docs/performance.md)
             if model_process and not _is_head(choice):
-                # eager by default: compiling measured no gain here (docs/performance.md)
-                options = choice.load_options()
+                options = choice.load_options("generate")
                 model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)
             else:
-                model = choice.load()
+                model = choice.load("generate")
             state.attach(model)
             click.echo(f"toolbox serve: {state.name} loaded on {model.backend}; ready", err=True)
         except BaseException as exc:  # noqa: BLE001 - reported after the server stops

@@ -54,7 +54,7 @@ from .model import GPTNeoX
 from .sampling import pick_greedy
 
 #: bump when what is exported changes (inputs, options)
-FORMAT = 5
+FORMAT = 6
 
 #: inductor's own C++ GEMMs over frozen weights (without the choices' report)
 _CPP = ("inductor's C++ GEMMs", {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP",
@@ -287,7 +287,7 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
               "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "forbid": None, "cache": cache}
     args = (*args[:5], torch.zeros(module.config.vocab_size), args[5])
-    choices, head = _candidates(module, found), holds_head(module, found)
+    choices, head = _candidates(module, found, kind), holds_head(module, found)
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
@@ -301,7 +301,8 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
                 libraries.append(compile_library(program, options, work / f"{i}.so"))
         record, best = {}, 0
         if len(libraries) > 1:
-            seconds = [_step_seconds(path, args) for path in libraries]
+            timed = args if kind == 1 else _batch_inputs(module)
+            seconds = [_step_seconds(path, timed) for path in libraries]
             best = seconds.index(min(seconds))
             record["step_seconds"] = {name: t for (name, _), t in zip(choices, seconds)}
         record["gemms"] = choices[best][0]
@@ -327,16 +328,30 @@ def compile_library(program, options: dict, target: Path) -> Path:
     return target
 
 
-def _candidates(module: GPTNeoX, found: str) -> tuple:
-    """What the step of ``found`` may run on (`CANDIDATES`). float32 weights larger than the
-    CPU's largest cache stream from memory every step, and which GEMMs do that faster
-    depends on the machine (shape S: oneDNN's 8 % ahead on an Intel Xeon, inductor's 1.4x
-    ahead on an AMD EPYC), so both are built and timed; weights that fit stay with
-    inductor's (the embedded model: 1.7x oneDNN's on the Xeon)."""
+def _candidates(module: GPTNeoX, found: str, kind: int) -> tuple:
+    """What the step of ``found`` and ``kind`` may run on (`CANDIDATES`). float32 weights
+    larger than the CPU's largest cache stream from memory every step, and which GEMMs do
+    that faster depends on the machine (shape S: oneDNN's 8 % ahead on an Intel Xeon,
+    inductor's 1.4x ahead on an AMD EPYC), so both are built and timed; at one row weights
+    that fit stay with inductor's (the embedded model: 1.7x oneDNN's on the Xeon). A batch's
+    step tries both whatever the size: inductor's lead at two rows turns into oneDNN's
+    from about eight (`_batch_inputs`)."""
     choices = CANDIDATES[found]
-    if len(choices) > 1 and sum(m.weight.nbytes for m in _linears(module)) <= _cache_bytes():
+    if len(choices) > 1 and kind == 1 and sum(m.weight.nbytes for m in _linears(module)) <= _cache_bytes():
         return choices[:1]
     return choices
+
+
+#: the rows a batch's step is timed at: a serving batch (16 clients), where one row is timed at one
+BATCH_ROWS = 16
+
+
+def _batch_inputs(module: GPTNeoX) -> tuple:
+    """Inputs of a batch of `BATCH_ROWS` rows as the library takes them. The embedded model's
+    float32 step on the Intel Xeon at one thread: inductor's GEMMs 0.95 against oneDNN's 1.46
+    ms at two rows, 4.3 against 3.3 at 16 and 19.6 against 13.4 at 64 (docs/performance.md)."""
+    args = example_inputs(module, BATCH_ROWS)
+    return (*args[:5], torch.zeros(module.config.vocab_size), args[5])
 
 
 def _cache_bytes() -> int:

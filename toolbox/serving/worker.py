@@ -190,7 +190,8 @@ class _Served:
 
         if nice > 0:
             os.nice(nice)
-        loaded = load(model, backend, options.dtype, options.device, options.threads, revision, options.extra)
+        loaded = load(model, backend, options.dtype, options.device, options.threads, revision, options.extra,
+                      options.workload)
         self.model = loaded.loaded
         return loaded.backend, self.model.tokenizer, self.model.context_length, self.model.describe()
 
