@@ -192,9 +192,18 @@ class CompiledDecode:
 
     @property
     def kind(self) -> str:
-        """What the products run on, for the one-line note."""
+        """What the products run on, for the one-line note (and a batch's, where they differ)."""
+        from .aot import gemms, library_path
+
         step = self._steps.get(1)
-        return step.gemms if isinstance(step, AOTStep) else "the eager kernels"
+        if not isinstance(step, AOTStep):
+            return "the eager kernels"
+        batch = self._steps.get(2)
+        if isinstance(batch, AOTStep):
+            batch = batch.gemms
+        elif self.key and 2 in self._prepared:
+            batch = gemms(library_path(self.key, 2), self.ahead)
+        return step.gemms if batch in (None, step.gemms) else f"{step.gemms}; batches on {batch}"
 
     def __call__(self, ids: Tensor, pos: Tensor, cache_pos: Tensor, key_mask: Tensor | None, kv_len: int,
                  cache=None) -> Tensor:
