@@ -16,7 +16,7 @@ from toolbox.backend import LoadOptions
 from toolbox.backends import registered as backends
 from toolbox.cli import cli
 from toolbox.runtime import score_kernel
-from toolbox.runtime.generation import score
+from toolbox.runtime.generation import TokenScores, score
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +30,8 @@ def kernel(module_cache):
 
 
 def eager(logits: torch.Tensor, targets: torch.Tensor):
-    """The operations the library replaces (`toolbox.runtime.generation._token_scores`)."""
-    t = targets[:, None]
-    return (logits.log_softmax(-1).gather(1, t).squeeze(1),
-            (logits > logits.gather(1, t)).sum(-1, dtype=torch.int32) + 1)
+    """The eager operations of scoring (`TokenScores`, what the library compiles), as torch runs them."""
+    return TokenScores()(logits, targets)
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 2), (3, 7), (50, 8000), (5, 32003)])

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from toolbox.errors import ToolboxError
 
@@ -258,7 +258,7 @@ def score(
     Ranks are computed on the device from the same fp32 logits as the log-probabilities.
     ``top``: also the ``top`` most likely tokens at each target and their log-probabilities.
     ``kernel``: what computes log-probabilities and ranks from a block of logits and its
-    targets, in place of the eager operations (`toolbox.runtime.score_kernel`; not with ``top``).
+    targets, in place of the eager operations (`toolbox.runtime.score_kernel`).
     """
     ctx = model.config.max_position_embeddings
     vocab = model.config.vocab_size
@@ -324,10 +324,21 @@ def _final_hidden(model: GPTNeoX, ids: Tensor, mask: Tensor | None, lo: int) -> 
     return model.forward_full(ids, mask, hidden=True, start=lo)[:, : ids.shape[1] - 1 - lo]
 
 
+class TokenScores(nn.Module):
+    """What scoring computes of each block of logits, eagerly or compiled (`score_kernel`):
+    ``(logits [N,V] float32, targets [N] int64)`` -> the targets' log-probabilities ``[N]``
+    float32 and ranks ``[N]`` int32 (1 + how many logits are larger)."""
+
+    def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        chosen = logits.gather(1, targets[:, None])
+        logprobs = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        return logprobs, (logits > chosen).sum(-1, dtype=torch.int32) + 1
+
+
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0, kernel=None):
     """fp32 log-probability and rank of ``targets [N]`` under ``head(hidden [N,H])``, and with ``top``
     the ``top`` most likely tokens ``[N, top]`` with their log-probabilities (else None, None);
-    ``kernel`` as in `score`.
+    ``kernel`` as in `score`, else the same formula eagerly (`TokenScores`).
 
     The logits are made in row chunks: on the CPU 16 MiB of fp32 at a time, so that
     log-softmax and the rank count read them while they are still in cache (several
@@ -336,20 +347,15 @@ def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 
     """
     n = hidden.shape[0]
     step = max(1, (1 << 26 if hidden.is_cuda else 1 << 22) // vocab)
+    scores = kernel or TokenScores()
     lps, ranks, top_ids, top_lps = [], [], [], []
     for c in range(0, n, step):
         logits = head(hidden[c : c + step]).float()
-        if kernel is not None and not top:
-            lp, rank = kernel(logits, targets[c : c + step])
-            lps.append(lp)
-            ranks.append(rank)
-            continue
-        t = targets[c : c + step, None]
-        logprobs = logits.log_softmax(-1)
-        lps.append(logprobs.gather(1, t).squeeze(1))
-        ranks.append((logits > logits.gather(1, t)).sum(-1, dtype=torch.int32) + 1)
+        lp, rank = scores(logits, targets[c : c + step])
+        lps.append(lp)
+        ranks.append(rank)
         if top:
-            values, indices = logprobs.topk(top, dim=-1)
+            values, indices = logits.log_softmax(-1).topk(top, dim=-1)
             top_ids.append(indices)
             top_lps.append(values)
     if not top:

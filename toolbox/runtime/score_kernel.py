@@ -23,20 +23,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from .generation import TokenScores
 
 #: bump when what is compiled changes
 FORMAT = 1
-
-
-class TokenScores(nn.Module):
-    """What the library computes: ``(logits [N,V] float32, targets [N] int64)`` -> the
-    targets' log-probabilities ``[N]`` float32 and ranks ``[N]`` int32."""
-
-    def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        chosen = logits.gather(1, targets[:, None])
-        logprobs = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        return logprobs, (logits > chosen).sum(-1, dtype=torch.int32) + 1
 
 
 def library_path() -> Path:
