@@ -6,7 +6,8 @@ Four kinds of model get one (`scheme`):
   stream float32 weights at one row about 1.5x as fast as oneDNN on an AMD EPYC and read
   weights that fit the caches 1.7x as fast on an Intel Xeon; weights past the caches
   stream from memory 8 % faster through oneDNN on that Xeon, so there both are built and
-  the faster kept (`_candidates`). torch.compile could not keep that graph in inductor's
+  the faster kept (`_candidates`), as for every batch step, where oneDNN's win from about
+  eight rows. torch.compile could not keep that graph in inductor's
   caches (its prepacked weights do not pickle), so every process compiled it again (9-10 s
   for the embedded model); the library also holds the frozen copy of the weights;
 - bfloat16, the same, on CPUs with AMX, where inductor's GEMMs run on AMX tiles: shape S
@@ -62,7 +63,7 @@ _CPP = ("inductor's C++ GEMMs", {"freezing": True, "max_autotune": True, "max_au
 #: oneDNN's GEMMs over weights prepacked when frozen
 _ONEDNN = ("oneDNN's GEMMs", {"freezing": True})
 #: per scheme, what its products may run on (name for the note, inductor's options), the
-#: usual winner first: float32 weights larger than the CPU's caches try both (`_candidates`);
+#: usual winner first: float32 weights larger than the CPU's caches, and batch steps, try both (`_candidates`);
 #: int4 runs the eager kernel, its weights left as they are (shared)
 CANDIDATES = {"float32": (_CPP, _ONEDNN), "bfloat16": (_CPP,), "int8": (_CPP,), "int4": (("the eager kernels", {}),)}
 
