@@ -280,18 +280,15 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
     from torch.export import Dim
 
     use_inductor_cache_dir()
-    args = example_inputs(module, kind)
+    args = _library_inputs(module, kind)
     S, K = Dim("slots", min=2, max=1 << 24), Dim("span", min=1, max=1 << 24)
     rows = Dim("rows", min=2, max=1 << 16) if kind > 1 else None
     per_row = {0: rows} if rows else None
-    cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[5]]
+    cache = [({0: rows, 2: S} if rows else {2: S},) * 2 for _ in args[6]]
     shapes = {"ids": per_row, "pos": per_row, "cache_pos": per_row,
               "key_mask": {0: rows, 1: S} if rows else {1: S}, "span": {0: K}, "forbid": None, "cache": cache}
-    args = (*args[:5], torch.zeros(module.config.vocab_size), args[5])
     choices, head = _candidates(module, found, kind), holds_head(module, found)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with scratch_beside(target) as work:
         libraries = []
         for i, (_, options) in enumerate(choices):
             with torch.no_grad(), warnings.catch_warnings(), _exportable(module, found):
@@ -302,7 +299,7 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
                 libraries.append(compile_library(program, options, work / f"{i}.so"))
         record, best = {}, 0
         if len(libraries) > 1:
-            timed = args if kind == 1 else _batch_inputs(module)
+            timed = args if kind == 1 else _library_inputs(module, BATCH_ROWS)
             seconds = [_step_seconds(path, timed) for path in libraries]
             best = seconds.index(min(seconds))
             record["step_seconds"] = {name: t for (name, _), t in zip(choices, seconds)}
@@ -311,6 +308,16 @@ def build(module: GPTNeoX, kind: int, target: Path, found: str) -> None:
         # another process may have won: a library as good, and the note beside it first
         os.replace(work / "step.json", _record_path(target))
         os.replace(libraries[best], target)
+
+
+@contextmanager
+def scratch_beside(target: Path):
+    """A scratch folder beside ``target``, removed afterwards: what is built there moves into
+    place atomically (the same file system), whichever process finishes first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        yield work
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -336,23 +343,23 @@ def _candidates(module: GPTNeoX, found: str, kind: int) -> tuple:
     inductor's 1.4x ahead on an AMD EPYC), so both are built and timed; at one row weights
     that fit stay with inductor's (the embedded model: 1.7x oneDNN's on the Xeon). A batch's
     step tries both whatever the size: inductor's lead at two rows turns into oneDNN's
-    from about eight (`_batch_inputs`)."""
+    from about eight (`BATCH_ROWS`)."""
     choices = CANDIDATES[found]
     if len(choices) > 1 and kind == 1 and sum(m.weight.nbytes for m in _linears(module)) <= _cache_bytes():
         return choices[:1]
     return choices
 
 
-#: the rows a batch's step is timed at: a serving batch (16 clients), where one row is timed at one
+#: the rows a batch's step is timed at (a serving batch: 16 clients). The embedded model's
+#: float32 step on the Intel Xeon at one thread: inductor's GEMMs 0.95 against oneDNN's 1.46
+#: ms at two rows, 4.3 against 3.3 at 16 and 19.6 against 13.4 at 64 (docs/performance.md)
 BATCH_ROWS = 16
 
 
-def _batch_inputs(module: GPTNeoX) -> tuple:
-    """Inputs of a batch of `BATCH_ROWS` rows as the library takes them. The embedded model's
-    float32 step on the Intel Xeon at one thread: inductor's GEMMs 0.95 against oneDNN's 1.46
-    ms at two rows, 4.3 against 3.3 at 16 and 19.6 against 13.4 at 64 (docs/performance.md)."""
-    args = example_inputs(module, BATCH_ROWS)
-    return (*args[:5], torch.zeros(module.config.vocab_size), args[5])
+def _library_inputs(module: GPTNeoX, rows: int) -> tuple:
+    """`example_inputs` of ``rows`` rows as the library takes them (`_Exported`: every id allowed)."""
+    ids, pos, cache_pos, key_mask, span, cache = example_inputs(module, rows)
+    return ids, pos, cache_pos, key_mask, span, torch.zeros(module.config.vocab_size), cache
 
 
 def _cache_bytes() -> int:

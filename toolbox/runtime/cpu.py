@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .aot import AOTStep, example_inputs, holds_head, scheme, use_inductor_cache_dir
+from .aot import AOTStep, example_inputs, gemms, holds_head, library_path, scheme, use_inductor_cache_dir
 from .model import GPTNeoX
 
 
@@ -193,8 +193,6 @@ class CompiledDecode:
     @property
     def kind(self) -> str:
         """What the products run on, for the one-line note (and a batch's, where they differ)."""
-        from .aot import gemms, library_path
-
         step = self._steps.get(1)
         if not isinstance(step, AOTStep):
             return "the eager kernels"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from toolbox.errors import ToolboxError
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, any_finite, forbidden, sample
+from .sampling import SamplingParams, any_finite, forbidden, logprobs_of, sample
 
 
 @dataclass(frozen=True)
@@ -330,9 +330,8 @@ class TokenScores(nn.Module):
     float32 and ranks ``[N]`` int32 (1 + how many logits are larger)."""
 
     def forward(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        chosen = logits.gather(1, targets[:, None])
-        logprobs = logits.log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
-        return logprobs, (logits > chosen).sum(-1, dtype=torch.int32) + 1
+        ranks = (logits > logits.gather(1, targets[:, None])).sum(-1, dtype=torch.int32) + 1
+        return logprobs_of(logits, targets), ranks
 
 
 def _token_scores(head, hidden: Tensor, targets: Tensor, vocab: int, top: int = 0, kernel=None):

@@ -17,8 +17,6 @@ ten seconds where a long run of scoring follows, loaded in milliseconds by later
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -42,21 +40,16 @@ def build(target: Path) -> None:
     ``target`` (atomically: a process that builds it at the same time leaves one as good)."""
     from torch.export import Dim
 
-    from .aot import compile_library, use_inductor_cache_dir
+    from .aot import compile_library, scratch_beside, use_inductor_cache_dir
 
     use_inductor_cache_dir()
     rows, vocab = Dim("rows", min=1, max=1 << 24), Dim("vocab", min=2, max=1 << 24)
     example = (torch.randn(37, 1000), torch.randint(0, 1000, (37,)))  # sizes no other size equals
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
-            program = torch.export.export(TokenScores(), example, strict=False,
-                                          dynamic_shapes={"logits": {0: rows, 1: vocab}, "targets": {0: rows}})
-            compile_library(program, {}, work / "scores.so").replace(target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with scratch_beside(target) as work, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own deprecations, inside export
+        program = torch.export.export(TokenScores(), example, strict=False,
+                                      dynamic_shapes={"logits": {0: rows, 1: vocab}, "targets": {0: rows}})
+        compile_library(program, {}, work / "scores.so").replace(target)
 
 
 def load(build_missing: bool) -> ScoreKernel | None:
