@@ -225,7 +225,7 @@ def main() -> None:
         from toolbox.api import load
         from toolbox.serving.engine import Engine
 
-        loaded = load(args.model, args.backend, threads=args.threads)
+        loaded = load(args.model, args.backend, threads=args.threads, workload="generate")  # as `toolbox serve` does
         engine = Engine(loaded.loaded, args.max_batch_size, 1024)
         engine.start()
     elif args.url:

@@ -5,6 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 from runtime_fixtures import EOS
+from torch import Tensor
 
 from toolbox.backend import GenerationParams
 from toolbox.runtime.batcher import ContinuousBatcher
@@ -194,3 +195,56 @@ def test_per_row_cache_positions(model):
     out = model(ids.gather(1, pos), pos, pos, None, cache=cache)
     torch.testing.assert_close(out[0], full[0, 6:9], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[1], full[1, 3:6], rtol=1e-4, atol=1e-4)
+
+
+def test_rows_with_non_finite_logits_sample_as_sample_does(model):
+    """Decode logits mixing NaN, +inf and -inf (broken weights, an overflow) make the batch take
+    `finite_scores`' repairs; each row must still pick what `sample` picks for it alone with the same
+    seed, bans and cut vocabulary, and a row with nothing finite must fail on its own."""
+    from toolbox.runtime.sampling import sample
+
+    V, inf, nan = model.config.vocab_size, float("inf"), float("nan")
+
+    def crafted(length: int) -> Tensor:  # a row's logits at a position (prompts of distinct lengths)
+        g = torch.Generator().manual_seed(length)
+        x = torch.randn(V, generator=g) * 4
+        kind = length % 6
+        if kind == 1:
+            x[torch.randint(V, (40,), generator=g)] = nan
+        elif kind == 2:
+            x[[7, 300, 301]] = inf
+        elif kind == 3:
+            x[torch.rand(V, generator=g) < 0.9] = -inf
+        elif kind == 4 and length > 12:
+            x[:] = nan  # nothing finite: this row fails, the others go on
+        return x
+
+    def decode_fn(ids, pos, cache_pos, key_mask, kv_len, cache):
+        return torch.stack([crafted(int(p)) for p in pos[:, 0]])[:, None]
+
+    eos, sampled_vocab = [3, 300], 500
+    specs = [(0.7, 11, 20), (1.3, 12, 0), (0, None, 20), (0.9, 13, 5), (2.0, 14, 0), (0.5, 15, 25)]
+    reqs = [SequenceRequest(i, _prompt(i + 2, 50 + i), GenerationParams(
+        temperature=t, seed=seed, max_new_tokens=30, min_new_tokens=m)) for i, (t, seed, m) in enumerate(specs)]
+    b = ContinuousBatcher(model, eos, capacity=6, sampled_vocab=sampled_vocab, decode_fn=decode_fn)
+    got = _drive(b, {0: reqs})
+    failed = dict(b.take_refused())
+    outside = torch.arange(V) >= sampled_vocab
+    for r in reqs:
+        params = SamplingParams(temperature=r.params.temperature, seed=r.params.seed)
+        gen = torch.Generator().manual_seed(r.params.seed) if r.params.seed is not None else None
+        if gen is not None:
+            torch.rand(1, generator=gen)  # the prefill's draw
+        toks = got[r.id][0]
+        for n, token in enumerate(toks[1:], start=1):
+            want, _ = sample(crafted(len(r.prompt) + n - 1)[None], params, gen, outside=outside,
+                             banned=torch.tensor(eos) if n < r.params.min_new_tokens else None)
+            assert token == want.item(), (r.id, n)
+        length = len(r.prompt) + len(toks) - 1  # the position its next step read
+        if r.id in failed:
+            assert length % 6 == 4 and length > 12 and "no finite logits" in str(failed[r.id])
+        else:  # an EOS (300 is one of the +inf ids) ends a row once its min_new_tokens allow
+            assert (toks[-1] in eos, len(toks) == 30) in ((True, False), (False, True))
+            assert got[r.id][2] == ("stop" if toks[-1] in eos else "length")
+            assert not set(eos) & set(toks[1:r.params.min_new_tokens])
+    assert failed and len(failed) < len(reqs)

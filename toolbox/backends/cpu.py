@@ -89,8 +89,10 @@ def runtime_model(module, tokenizer, info: dict, compiled: bool, options: LoadOp
     checkpoint)."""
     from toolbox.errors import ToolboxError
     from toolbox.runtime.cpu import CompiledDecode
+    from toolbox.runtime.heap import keep_freed_memory
     from toolbox.runtime.loaded import RuntimeModel
 
+    keep_freed_memory()
     kernel = score_kernel(options)
     if not compiled:
         return RuntimeModel(module, tokenizer, info, score_kernel=kernel)

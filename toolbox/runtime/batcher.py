@@ -36,7 +36,8 @@ the argmax of the (penalised) logits, and EOS is banned per row until its
 ``torch.Generator``, so its tokens do not depend on what else is in the batch (they
 equal a static ``generate`` of it alone with that seed); unseeded requests share one
 randomly seeded generator. The reported logprob is the log-softmax of the raw logits
-at the chosen token, as in `generation.py`.
+at the chosen token, as in `generation.py`. The batch's scores are repaired for
+non-finite values (`sampling.finite_scores`) only when a row's maximum is not finite.
 
 GPU notes: the decode step has no host sync inside the forward, but its shapes change
 with the number of rows ``n`` and with ``kv_len``, and the per-row inputs are built
@@ -61,7 +62,7 @@ from toolbox.backend import TokenEvent
 from toolbox.batching import SequenceRequest
 
 from .model import GPTNeoX
-from .sampling import SamplingParams, any_finite, apply_repetition_penalty, draw, finite_scores, top_p_filter
+from .sampling import SamplingParams, any_finite, apply_repetition_penalty, draw, finite_scores, first_max, top_p_filter
 
 
 @dataclass(eq=False)
@@ -99,13 +100,9 @@ class ContinuousBatcher:
         self.vocab = module.config.vocab_size
         self.eos = frozenset(int(t) for t in eos_token_ids if 0 <= int(t) < self.vocab)
         dev = module.device
-        self._eos_cols = torch.zeros(self.vocab, dtype=torch.bool, device=dev)
-        if self.eos:
-            self._eos_cols[sorted(self.eos)] = True
-        # ids the tokenizer does not have (a padded vocabulary) are never sampled
-        self._outside = None
-        if sampled_vocab is not None and sampled_vocab < self.vocab:
-            self._outside = torch.arange(self.vocab, device=dev) >= sampled_vocab
+        self._eos_ids = torch.tensor(sorted(self.eos), dtype=torch.long, device=dev)
+        # ids from here on (a vocabulary padded past the tokenizer's) are never sampled
+        self._sampled_vocab = self.vocab if sampled_vocab is None else min(sampled_vocab, self.vocab)
         self._failed: list[tuple[int, Exception]] = []
         self._waiting: deque[SequenceRequest] = deque()
         self._rows: list[_Row] = []
@@ -297,9 +294,9 @@ class ContinuousBatcher:
         A row whose logits hold nothing finite (NaN weights, an overflow) fails on its own.
         """
         rows = self._rows[lo:hi]
-        tok, lp, logprobs = self._sample(logits, rows, self._seen[lo:hi])
+        tok, lp, logprobs, has_finite = self._sample(logits, rows, self._seen[lo:hi])
         k = max(r.request.params.top_logprobs for r in rows)
-        parts = [tok.double(), lp.double(), any_finite(logits).double()]
+        parts = [tok.double(), lp.double(), has_finite.double()]
         if k:
             top_lp, top_id = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)
             parts += [*top_id.T.double(), *top_lp.T.double()]
@@ -325,29 +322,18 @@ class ContinuousBatcher:
             events.append(TokenEvent(row.request.id, t, host[1][j], reason, top))
         return events
 
-    def _sample(self, logits: Tensor, rows: list[_Row], seen: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-row `sampling.sample`: tokens [n], their raw-logit logprobs [n] and all of those [n, V]."""
+    def _sample(self, logits: Tensor, rows: list[_Row], seen: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per-row `sampling.sample`: tokens [n], their raw-logit logprobs [n], all of those [n, V]
+        and whether each row's logits hold a finite value [n]."""
         dev, V = logits.device, logits.shape[-1]
         logits = logits.float()
         params = [r.sampling for r in rows]
-        scores = logits
+        s = logits
         penalty = [p.repetition_penalty for p in params]
         if any(x != 1.0 for x in penalty):
-            scores = apply_repetition_penalty(scores, seen, torch.tensor(penalty, device=dev)[:, None])
-        ban = [r.produced < r.request.params.min_new_tokens for r in rows]
-        if self.eos and any(ban):
-            banned = torch.tensor(ban, device=dev)[:, None] & self._eos_cols[None, :]
-        else:
-            banned = None
+            s = apply_repetition_penalty(s, seen, torch.tensor(penalty, device=dev)[:, None])
         greedy = [p.greedy for p in params]
-        if all(greedy):
-            if banned is not None:
-                scores = scores.masked_fill(banned, float("-inf"))
-            if self._outside is not None:
-                scores = scores.masked_fill(self._outside, float("-inf"))
-            tokens = finite_scores(scores).argmax(-1)
-        else:
-            s = scores
+        if not all(greedy):  # greedy rows take no temperature or filters
             temps = [1.0 if p.greedy else p.temperature for p in params]
             if any(t != 1.0 for t in temps):
                 s = s / torch.tensor(temps, device=dev)[:, None]
@@ -360,22 +346,34 @@ class ContinuousBatcher:
             ps = [float("inf") if p.greedy or p.top_p >= 1.0 else p.top_p for p in params]
             if any(x != float("inf") for x in ps):
                 s = top_p_filter(s, torch.tensor(ps, device=dev)[:, None])
-            if banned is not None:
-                s = s.masked_fill(banned, float("-inf"))
-            if self._outside is not None:
-                s = s.masked_fill(self._outside, float("-inf"))
-            probs = finite_scores(s).softmax(-1)
+        banned = [j for j, r in enumerate(rows) if r.produced < r.request.params.min_new_tokens] if self.eos else []
+        if (banned or self._sampled_vocab < V) and s is logits:
+            s = logits.clone()
+        if banned:  # EOS before min_new_tokens: a few columns of a few rows, not a mask over [n, V]
+            s[torch.tensor(banned, device=dev)[:, None], self._eos_ids] = float("-inf")
+        if self._sampled_vocab < V:  # ids the tokenizer does not have
+            s[:, self._sampled_vocab:] = float("-inf")
+        top = s.amax(-1, keepdim=True)
+        # nearly always every row holds a finite maximum, and then none of finite_scores' repairs
+        # (NaN, +inf, nothing left) applies: one look on the host spares their four passes
+        finite = bool(torch.isfinite(top).all())
+        if all(greedy):
+            tokens = first_max(s)
+        else:
+            weights = (s - top).exp_() if finite else finite_scores(s).exp_()
             uniforms = torch.zeros(len(rows), 1, device=dev)  # greedy rows: unused
             if any(not p.greedy and r.generator is None for p, r in zip(params, rows)):
                 uniforms.uniform_(generator=self._shared_gen)
             for j, r in enumerate(rows):
                 if r.generator is not None:
                     uniforms[j] = torch.rand(1, generator=r.generator, device=dev)
-            tokens = draw(probs, uniforms)
-            if any(greedy):  # on greedy rows s is the penalised logits (+ bans): no temperature or filters
-                tokens = torch.where(torch.tensor(greedy, device=dev), finite_scores(s).argmax(-1), tokens)
+            tokens = draw(weights, uniforms)
+            if any(greedy):
+                tokens = torch.where(torch.tensor(greedy, device=dev), first_max(s), tokens)
         logprobs = logits.log_softmax(-1)
-        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), logprobs
+        # a finite score comes from a finite logit, so only a non-finite maximum needs the check
+        has_finite = torch.ones(len(rows), dtype=torch.bool, device=dev) if finite else any_finite(logits)
+        return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1), logprobs, has_finite
 
     def _remove(self, indices: list[int]) -> None:
         """Free rows ``indices``, keeping the rest compacted (the last row moves into a hole)."""

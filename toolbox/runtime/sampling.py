@@ -112,8 +112,8 @@ def sample(
     if params.greedy:
         tokens = first_max(scores)
     else:
-        probs = finite_scores(scores).softmax(dim=-1)
-        tokens = draw(probs, torch.rand(probs.shape[0], 1, generator=generator, device=probs.device))
+        weights = finite_scores(scores).exp_()
+        tokens = draw(weights, torch.rand(weights.shape[0], 1, generator=generator, device=weights.device))
     return tokens, logprobs_of(logits, tokens)
 
 
@@ -171,16 +171,18 @@ def any_finite(scores: Tensor) -> Tensor:
     return scores.nan_to_num(-inf, -inf, -inf).amax(-1) > -inf
 
 
-def draw(probs: Tensor, uniforms: Tensor) -> Tensor:
-    """Tokens ``[B]`` drawn from ``probs [B,V]`` by inverting each row's CDF at ``uniforms [B,1]``.
+def draw(weights: Tensor, uniforms: Tensor) -> Tensor:
+    """Tokens ``[B]`` drawn in proportion to ``weights [B,V]`` (probabilities up to a factor
+    per row, e.g. ``exp`` of `finite_scores`: a softmax's division would be one more pass) by
+    inverting each row's CDF at ``uniforms [B,1]``.
 
     One random number per row, where an exponential race would need one per vocabulary
     entry (on a CPU that costs more than a small model's whole decode step). A token of
-    probability 0 is never drawn; no host synchronisation, so it runs in a CUDA graph.
+    weight 0 is never drawn; no host synchronisation, so it runs in a CUDA graph.
     """
-    cdf = probs.cumsum(dim=-1)
+    cdf = weights.cumsum(dim=-1)
     total = cdf[:, -1:]
     # strictly below the total, so that some entry of the CDF always lies above the target
     target = torch.minimum(uniforms * total, torch.nextafter(total, torch.zeros_like(total)))
-    # the clamp keeps a row whose probabilities are not finite on a real token id
-    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
+    # the clamp keeps a row whose weights are not finite on a real token id
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_max(weights.shape[-1] - 1)
