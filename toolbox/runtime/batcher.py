@@ -41,12 +41,12 @@ non-finite values (`sampling.finite_scores`) only when a row's maximum is not fi
 
 GPU notes: the decode step has no host sync inside the forward, but its shapes change
 with the number of rows ``n`` and with ``kv_len``, and the per-row inputs are built
-from host lists each step (one sync per step reads the sampled tokens back). To replay
-the decode step as a CUDA graph, `reserve` the whole cache (stable addresses), capture
-one graph per bucket of row counts (1, 2, 4, ... ``capacity``) with ``kv_len=None``,
-pad ``n`` up to the bucket (padding rows write only into their own, unused rows) and
-copy the per-row inputs into static tensors. The batch-1 prefill is not a graph
-candidate (its length varies).
+from host lists each step (two syncs a step: whether every row's maximum is finite,
+then the sampled tokens). To replay the decode step as a CUDA graph, `reserve` the
+whole cache (stable addresses), capture one graph per bucket of row counts (1, 2, 4,
+... ``capacity``) with ``kv_len=None``, pad ``n`` up to the bucket (padding rows write
+only into their own, unused rows) and copy the per-row inputs into static tensors. The
+batch-1 prefill is not a graph candidate (its length varies).
 """
 
 from __future__ import annotations
