@@ -121,7 +121,7 @@ def serve(host, port, api_key, served_model_name, max_batch_size, max_queue, shu
     def load_model():
         try:
             # a long run of generation: the CPU backends compile the decode step (built once per
-            # machine), which serves 1.2-1.8x the tokens eager did (docs/performance.md)
+            # machine), which serves 1.3-1.9x the tokens eager does (docs/performance.md)
             if model_process and not _is_head(choice):
                 options = choice.load_options("generate")
                 model = load_in_process(choice.model, choice.revision, choice.backend, options, engine_nice)

@@ -14,6 +14,7 @@ still mapped and unmapped as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 #: `mallopt`'s parameters (malloc.h)
@@ -24,8 +25,10 @@ MMAP_FROM = 32 << 20
 KEEP = 64 << 20
 
 
+@functools.cache
 def keep_freed_memory() -> bool:
-    """Raise glibc's thresholds for this process; False where the C library is not glibc."""
+    """Raise glibc's thresholds for this process (once: every CPU load calls it); False where
+    the C library is not glibc."""
     if not sys.platform.startswith("linux"):
         return False
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # the process's own C library
